@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
@@ -174,6 +173,8 @@ def read_idx(path: Path) -> torch.Tensor:
 def download(dataset: str, root: Path) -> None:
     """Fetch a torchvision dataset into root, or stop with one line when that is impossible (offline)."""
     name = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}[dataset]
+    import torchvision  # imported where used: it adds a second to every start
+
     print(f"{dataset} is not in {root}: downloading it there")
     try:
         getattr(torchvision.datasets, name)(str(root), train=True, download=True)
@@ -240,27 +241,29 @@ def load_dataset(args: Args) -> ImageData:
         if args.dataset == "cifar10":
             images, labels = load_cifar10(root)
             classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        elif args.dataset == "fashion-mnist":
+            images, labels = load_idx_dataset(args.dataset, root)
+            classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
         else:
             images, labels = load_idx_dataset(args.dataset, root)
-            classes = [str(d) for d in range(10)]
-            if args.dataset == "fashion-mnist":
-                classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+            classes = [str(digit) for digit in range(10)]
         images, labels = images[: args.max_images], labels[: args.max_images]
         args.channels = args.channels or images.size(1)
-        return ImageData(resize_images(match_channels(images, args.channels), args.image_size), [], labels, classes)
-    if args.dataset == "celeba":
-        folder = root / "celeba" / "img_align_celeba"
-        if not folder.is_dir():
-            fail(f"CelebA not found: expected the aligned images in {folder} (torchvision's layout, see README)")
+        data = ImageData(resize_images(match_channels(images, args.channels), args.image_size), [], labels, classes)
     else:
-        folder = root
-    files = list_images(folder)[: args.max_images]
-    # A file's class is its top-level subfolder (AFHQ: cat/, dog/, wild/); files at the top have none.
-    classes = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
-    index = {name: i for i, name in enumerate(classes)}
-    labels = torch.tensor([index.get(p.relative_to(folder).parts[0], -1) if len(p.relative_to(folder).parts) > 1 else -1 for p in files])
-    args.channels = args.channels or 3
-    return ImageData(None, files, labels, classes)
+        folder = root / "celeba" / "img_align_celeba" if args.dataset == "celeba" else root
+        if args.dataset == "celeba" and not folder.is_dir():
+            fail(f"CelebA not found: expected the aligned images in {folder} (torchvision's layout, see README)")
+        files = list_images(folder)[: args.max_images]
+        # A file's class is its top-level subfolder (AFHQ: cat/, dog/, wild/); files at the top have none (-1).
+        tops = [p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None for p in files]
+        classes = sorted({top for top in tops if top is not None})
+        labels = torch.tensor([classes.index(top) if top is not None else -1 for top in tops])
+        args.channels = args.channels or 3
+        data = ImageData(None, files, labels, classes)
+    if len(data.labels) < args.batch_size:
+        fail(f"the dataset has {len(data.labels)} images, fewer than --batch-size {args.batch_size}")
+    return data
 
 
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -327,10 +330,7 @@ class BatchIndices:
 
 def real_batches(data: ImageData, args: Args, device: torch.device, start: int):
     """Yield (images in [-1, 1], labels) on the device forever, beginning with batch number `start`."""
-    n = len(data.labels)
-    if n < args.batch_size:
-        fail(f"the dataset has {n} images, fewer than --batch-size {args.batch_size}")
-    indices = BatchIndices(n, args.batch_size, args.seed, start)
+    indices = BatchIndices(len(data.labels), args.batch_size, args.seed, start)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     if data.images is not None:
         all_images, all_labels = data.images.to(device), data.labels.to(device)  # Fashion-MNIST is 60 MB: it fits anywhere
@@ -437,6 +437,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     """(B, C, S, S) in [-1, 1] -> one (3, H, W) uint8 grid."""
+    import torchvision
+
     return torchvision.utils.make_grid(to_uint8(images).cpu(), nrow=nrow, padding=2)
 
 
@@ -535,7 +537,7 @@ if __name__ == "__main__":
             fail(f"{run_dir} already holds a run: continue it with --resume {run_dir / 'checkpoint.pt'} or pick another --run-name")
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     start_step = ckpt["step"] if ckpt else 0
-    writer = SummaryWriter(str(run_dir), purge_step=start_step if ckpt else None)  # purge: drop events logged after the checkpoint
+    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if ckpt else None)  # drop events logged after the checkpoint
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     torch.manual_seed(args.seed)
@@ -609,64 +611,63 @@ if __name__ == "__main__":
     step, logged_step, logged_time = start_step, start_step, time.perf_counter()
     if step == 0:
         sample_grid(0)
-    progress = tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True)
-    while step < args.total_steps and not stop_signal:
-        lr_scale = 1 - step / args.total_steps if args.lr_decay else 1.0
-        for group in opt_g.param_groups:
-            group["lr"] = args.lr_g * lr_scale
-        for group in opt_d.param_groups:
-            group["lr"] = args.lr_d * lr_scale
+    with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True) as progress:  # closed even on errors
+        while step < args.total_steps and not stop_signal:
+            lr_scale = 1 - step / args.total_steps if args.lr_decay else 1.0
+            for group in opt_g.param_groups:
+                group["lr"] = args.lr_g * lr_scale
+            for group in opt_d.param_groups:
+                group["lr"] = args.lr_d * lr_scale
 
-        for _ in range(args.n_critic):
-            real, _ = next(batches)
+            for _ in range(args.n_critic):
+                real, _ = next(batches)
+                z = torch.randn(args.batch_size, args.latent_dim, device=device)
+                with autocast:
+                    with torch.no_grad():
+                        fake = generator_fwd(z)  # no graph into the generator: this step trains the critic only
+                    # One forward for real and fake: the critic has no batch-coupled layers, so this equals two.
+                    d_real, d_fake = critic_fwd(torch.cat([real, fake])).float().chunk(2)
+                    wasserstein = d_real.mean() - d_fake.mean()
+                    gp = gradient_penalty(critic, real, fake.float(), scale=scaler_d.get_scale())  # get_scale syncs, under fp16 only
+                    # L_D = E[D(x~)] - E[D(x)] + lambda * E[(||grad D(x^)||_2 - 1)^2]
+                    d_loss = -wasserstein + args.lambda_gp * gp
+                opt_d.zero_grad(set_to_none=True)
+                scaler_d.scale(d_loss).backward()
+                scaler_d.step(opt_d)
+                scaler_d.update()
+                loss_sums[:3] += torch.stack([d_loss, wasserstein, gp]).detach() / args.n_critic
+
+            critic.requires_grad_(False)  # the generator step needs gradients through the critic, not of its weights
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             with autocast:
-                with torch.no_grad():
-                    fake = generator_fwd(z)  # no graph into the generator: this step trains the critic only
-                # One forward for real and fake: the critic has no batch-coupled layers, so this equals two.
-                d_real, d_fake = critic_fwd(torch.cat([real, fake])).float().chunk(2)
-                wasserstein = d_real.mean() - d_fake.mean()
-                gp = gradient_penalty(critic, real, fake.float(), scale=scaler_d.get_scale())  # get_scale syncs, under fp16 only
-                # L_D = E[D(x~)] - E[D(x)] + lambda * E[(||grad D(x^)||_2 - 1)^2]
-                d_loss = -wasserstein + args.lambda_gp * gp
-            opt_d.zero_grad(set_to_none=True)
-            scaler_d.scale(d_loss).backward()
-            scaler_d.step(opt_d)
-            scaler_d.update()
-            loss_sums[:3] += torch.stack([d_loss, wasserstein, gp]).detach() / args.n_critic
+                # L_G = -E[D(G(z))]
+                g_loss = -critic_fwd(generator_fwd(z)).float().mean()
+            opt_g.zero_grad(set_to_none=True)
+            scaler_g.scale(g_loss).backward()
+            scaler_g.step(opt_g)
+            scaler_g.update()
+            critic.requires_grad_(True)
+            if ema is not None:
+                update_ema(ema, generator, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up: early weights fade fast
+            loss_sums[3] += g_loss.detach()
+            step += 1
+            progress.update(1)
 
-        critic.requires_grad_(False)  # the generator step needs gradients through the critic, not of its weights
-        z = torch.randn(args.batch_size, args.latent_dim, device=device)
-        with autocast:
-            # L_G = -E[D(G(z))]
-            g_loss = -critic_fwd(generator_fwd(z)).float().mean()
-        opt_g.zero_grad(set_to_none=True)
-        scaler_g.scale(g_loss).backward()
-        scaler_g.step(opt_g)
-        scaler_g.update()
-        critic.requires_grad_(True)
-        if ema is not None:
-            update_ema(ema, generator, min(args.ema_decay, (1 + step) / (10 + step)))  # warm-up: early weights fade fast
-        loss_sums[3] += g_loss.detach()
-        step += 1
-        progress.update(1)
+            if step % args.log_every == 0 or step == args.total_steps or stop_signal:
+                values = (loss_sums / (step - logged_step)).tolist()  # the one sync point of the interval
+                elapsed = time.perf_counter() - logged_time
+                for name, value in zip(loss_names, values):
+                    writer.add_scalar(name, value, step)
+                writer.add_scalar("charts/images_per_sec", (step - logged_step) * args.n_critic * args.batch_size / elapsed, step)
+                writer.add_scalar("charts/learning_rate", opt_g.param_groups[0]["lr"], step)
+                progress.set_postfix(critic=f"{values[0]:.3f}", gen=f"{values[3]:.3f}", w=f"{values[1]:.3f}")
+                loss_sums.zero_()
+                logged_step, logged_time = step, time.perf_counter()
+            if step % args.sample_every == 0 or step == args.total_steps or stop_signal:
+                sample_grid(step)
+            if step % args.save_every == 0 or step == args.total_steps or stop_signal:
+                checkpoint(step)
 
-        if step % args.log_every == 0 or step == args.total_steps or stop_signal:
-            values = (loss_sums / (step - logged_step)).tolist()  # the one sync point of the interval
-            elapsed = time.perf_counter() - logged_time
-            for name, value in zip(loss_names, values):
-                writer.add_scalar(name, value, step)
-            writer.add_scalar("charts/images_per_sec", (step - logged_step) * args.n_critic * args.batch_size / elapsed, step)
-            writer.add_scalar("charts/learning_rate", opt_g.param_groups[0]["lr"], step)
-            progress.set_postfix(critic=f"{values[0]:.3f}", gen=f"{values[3]:.3f}", w=f"{values[1]:.3f}")
-            loss_sums.zero_()
-            logged_step, logged_time = step, time.perf_counter()
-        if step % args.sample_every == 0 or step == args.total_steps or stop_signal:
-            sample_grid(step)
-        if step % args.save_every == 0 or step == args.total_steps or stop_signal:
-            checkpoint(step)
-
-    progress.close()
     write_gif(run_dir / "samples", run_dir / "progress.gif")
     writer.close()
     print(f"{'stopped' if stop_signal else 'finished'} at step {step}: {run_dir}")

@@ -1,0 +1,61 @@
+"""Shared fixtures. A new script joins every shared check by adding its name to SCRIPTS and a
+model builder to build_models."""
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["wgan_gp"]
+# A training run small enough for a test: 32 px, narrow networks, few images.
+TINY = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--n-critic", "2", "--num-workers", "0"]
+
+
+def load(script: str):
+    """Import a script as a module: everything above its main guard only defines things."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(script)
+
+
+def build_models(script: str, image_size: int, channels: int, latent_dim: int = 16):
+    module = load(script)
+    if script == "wgan_gp":
+        return module.Generator(latent_dim, channels, image_size, 8), module.Critic(channels, image_size, 8, "layer")
+    raise KeyError(script)
+
+
+def run(script: str, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run a script as a user would, from `cwd`, and capture what it prints."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One tiny training run per script, shared by the tests that only read its outputs."""
+    cache = {}
+
+    def get(script: str) -> Path:
+        if script not in cache:
+            cwd = tmp_path_factory.mktemp(f"run_{script}")
+            result = run(script, *TINY, "--total-steps", "4", "--log-every", "2", "--sample-every", "2", "--run-name", "tiny", cwd=cwd)
+            assert result.returncode == 0, result.stderr[-3000:]
+            cache[script] = cwd / "runs" / "tiny"
+        return cache[script]
+
+    return get

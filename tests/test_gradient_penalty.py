@@ -1,0 +1,112 @@
+"""The gradient penalty against closed forms, and the critic properties it relies on."""
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import load
+
+GP_SCRIPTS = ["wgan_gp"]
+B, C, S = 6, 3, 8
+
+
+class Linear(nn.Module):
+    """f(x) = <w, x> + b: its gradient is w everywhere."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        return (x * self.w).flatten(1).sum(1) + 1.5
+
+
+class HalfSquaredNorm(nn.Module):
+    """f(x) = ||x||^2 / 2: its gradient at x is x itself, a different norm for every sample."""
+
+    def forward(self, x):
+        return 0.5 * x.flatten(1).pow(2).sum(1)
+
+
+def images(seed: int) -> torch.Tensor:
+    return torch.randn(B, C, S, S, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_linear_critic_gives_squared_norm_error(script):
+    w = torch.randn(C, S, S, generator=torch.Generator().manual_seed(1)) * 0.3
+    gp = load(script).gradient_penalty(Linear(w), images(2), images(3))
+    expected = (w.double().norm() - 1) ** 2
+    torch.testing.assert_close(gp.double(), expected, rtol=1e-5, atol=1e-7)
+    assert expected > 0.5  # a non-trivial value, so a wrong norm cannot match by accident
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_unit_gradient_critic_gives_zero(script):
+    u = torch.randn(C, S, S)
+    assert load(script).gradient_penalty(Linear(u / u.norm()), images(2), images(3)).item() < 1e-10
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_norm_is_per_sample_with_one_epsilon_per_sample(script):
+    real, fake = images(2) * 0.2, images(3) * 0.2
+    eps = torch.rand(B, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    x_hat = eps * real + (1 - eps) * fake  # the gradient of HalfSquaredNorm at x^ is x^
+    per_sample = ((x_hat.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    per_pixel = ((x_hat.abs() - 1) ** 2).mean()
+    per_batch = (x_hat.norm() - 1) ** 2
+    gp = load(script).gradient_penalty(HalfSquaredNorm(), real, fake, eps=eps)
+    torch.testing.assert_close(gp, per_sample, rtol=1e-5, atol=1e-7)
+    assert abs(per_sample - per_pixel) > 0.1 and abs(per_sample - per_batch) > 0.1
+    # Drawn inside: the same numbers as torch.rand(B, 1, 1, 1) right after the same seed.
+    torch.manual_seed(5)
+    drawn = load(script).gradient_penalty(HalfSquaredNorm(), real, fake)
+    torch.manual_seed(5)
+    eps = torch.rand(B, 1, 1, 1)
+    torch.testing.assert_close(drawn, load(script).gradient_penalty(HalfSquaredNorm(), real, fake, eps=eps))
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_zero_gradient_gives_one_and_no_nan(script):
+    critic = Linear(torch.zeros(C, S, S))
+    gp = load(script).gradient_penalty(critic, images(2), images(3))
+    gp.backward()
+    torch.testing.assert_close(gp, torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(critic.w.grad).all()  # without the eps under the square root this is NaN
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_penalty_gradient_reaches_every_critic_parameter(script):
+    torch.manual_seed(0)
+    module = load(script)
+    critic = module.Critic(3, 32, 8, "layer")
+    gp = module.gradient_penalty(critic, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    gp.backward()
+    # A bias with only piecewise-linear layers after it (the last conv's, the last norm's) leaves the
+    # input gradient unchanged, so only the convolution weights must all receive a non-zero gradient.
+    weights = [(name, p) for name, p in critic.named_parameters() if p.dim() == 4]
+    assert len(weights) == 4
+    for name, p in weights:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_loss_scale_cancels_out(script):
+    # The fp16 recipe scales the scores and divides the gradient back: in fp32 the result is unchanged.
+    torch.manual_seed(0)
+    module = load(script)
+    critic = module.Critic(1, 32, 8, "layer")
+    real, fake, eps = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32), torch.rand(4, 1, 1, 1)
+    plain = module.gradient_penalty(critic, real, fake, eps=eps)
+    scaled = module.gradient_penalty(critic, real, fake, eps=eps, scale=65536.0)
+    torch.testing.assert_close(plain, scaled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+@pytest.mark.parametrize("norm", ["none", "layer", "instance"])
+def test_critic_scores_each_sample_on_its_own(script, norm):
+    # Real and fake share one forward pass in training; that is exact only without batch coupling.
+    torch.manual_seed(0)
+    critic = load(script).Critic(3, 32, 8, norm)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules())
+    a, b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(critic(torch.cat([a, b])), torch.cat([critic(a), critic(b)]), rtol=1e-5, atol=1e-5)

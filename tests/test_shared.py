@@ -1,0 +1,217 @@
+"""Checks every script must pass: shapes, a training run, resume, interruption, generation, bad input, --help."""
+
+import ast
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import tyro
+from conftest import ROOT, SCRIPTS, TINY, build_models, last_line, load, load_checkpoint, run
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_model_shapes(script, image_size, channels):
+    torch.manual_seed(0)
+    generator, critic = build_models(script, image_size, channels, latent_dim=16)
+    fake = generator(torch.randn(5, 16))
+    assert fake.shape == (5, channels, image_size, image_size)
+    assert fake.min() >= -1 and fake.max() <= 1  # tanh output, the range real images are mapped to
+    assert critic(fake).shape == (5,)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_training_run_logs_finite_scalars_grids_and_checkpoint(script, trained):
+    run_dir = trained(script)
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()["scalars"]
+    expected = {"charts/images_per_sec", "charts/learning_rate", "losses/generator"}
+    assert expected <= set(tags)
+    for tag in tags:
+        values = [e.value for e in events.Scalars(tag)]
+        assert [e.step for e in events.Scalars(tag)] == [2, 4], tag  # logged every 2 generator steps
+        assert all(math.isfinite(v) for v in values), (tag, values)
+    assert events.Scalars("charts/images_per_sec")[-1].value > 0
+    assert "samples/fixed_noise" in events.Tags()["images"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000000.png", "step_0000002.png", "step_0000004.png"]
+    from PIL import Image
+
+    with Image.open(run_dir / "samples" / "step_0000004.png") as grid:
+        assert grid.size == (8 * 34 + 2, 8 * 34 + 2)  # 8x8 images of 32 px with 2 px padding
+    with Image.open(run_dir / "progress.gif") as gif:
+        assert gif.n_frames == 3
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert ckpt["step"] == 4 and ckpt["kind"] == script
+    assert ckpt["args"]["run_name"] == "tiny" and ckpt["args"]["image_size"] == 32 and ckpt["args"]["channels"] == 1
+    assert not list(run_dir.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_is_bit_identical(script, tmp_path):
+    common = [*TINY, "--log-every", "1", "--save-every", "100", "--sample-every", "100"]
+    straight = run(script, *common, "--total-steps", "4", "--run-name", "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    half = run(script, *common, "--total-steps", "2", "--run-name", "resumed", cwd=tmp_path)
+    assert half.returncode == 0, half.stderr[-3000:]
+    resumed = run(script, "--resume", "runs/resumed/checkpoint.pt", "--total-steps", "4", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "runs/straight/checkpoint.pt")
+    b = load_checkpoint(tmp_path / "runs/resumed/checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    weights = [k for k in a if isinstance(a[k], dict) and any(isinstance(v, torch.Tensor) for v in a[k].values())]
+    assert len(weights) >= 3  # the generator, the critic and the EMA generator at least
+    for key in weights:
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    for key in ("opt_g", "opt_d"):
+        for pid, state in a[key]["state"].items():
+            for name, tensor in state.items():
+                assert torch.equal(tensor, b[key]["state"][pid][name]), f"{key} state {pid}.{name} differs"
+    assert torch.equal(a["rng_cpu"], b["rng_cpu"])
+    # The resumed run appended to the same event file folder: its losses continue at steps 3 and 4.
+    events = EventAccumulator(str(tmp_path / "runs/resumed"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("losses/generator")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigterm_saves_a_checkpoint_that_resumes(script, tmp_path):
+    args = [*TINY, "--total-steps", "100000", "--sample-every", "1", "--save-every", "100000", "--run-name", "long"]
+    process = subprocess.Popen([sys.executable, str(ROOT / f"{script}.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = tmp_path / "runs/long/samples"
+    deadline = time.time() + 120
+    while len(list(samples.glob("step_*.png"))) < 3 and time.time() < deadline:  # a few steps done
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "--resume" in out and "Traceback" not in err
+    ckpt = load_checkpoint(tmp_path / "runs/long/checkpoint.pt")
+    assert 2 <= ckpt["step"] < 100000
+    resumed = run(script, "--resume", "runs/long/checkpoint.pt", "--total-steps", str(ckpt["step"] + 1), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "runs/long/checkpoint.pt")["step"] == ckpt["step"] + 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_generate_writes_pngs_and_a_grid(script, trained, tmp_path):
+    result = run(script, "--generate", str(trained(script) / "checkpoint.pt"), "--num-images", "7", "--out-dir", str(tmp_path / "fakes"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    files = sorted((tmp_path / "fakes").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(7)]
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 32) and image.mode == "L"
+    assert (tmp_path / "fakes_grid.png").is_file()
+
+
+def expect_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    """A bad input ends with one clear line on stderr, a non-zero exit and no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = last_line(result.stderr)
+    assert line.startswith("error: ") and re.search(pattern, line), line
+
+
+BAD_INPUTS = {
+    "missing data dir": (["--dataset", "folder", "--data-dir", "does/not/exist"], r"data folder does/not/exist does not exist"),
+    "empty data dir": (["--dataset", "folder", "--data-dir", "empty"], r"no images in empty"),
+    "non-image file": (["--dataset", "folder", "--data-dir", "corrupt"], r"corrupt/b\.png is not a readable image"),
+    "missing celeba": (["--dataset", "celeba", "--data-dir", "empty"], r"CelebA not found: expected the aligned images in empty/celeba/img_align_celeba"),
+    "image size not a power of two": (["--image-size", "48"], r"--image-size must be a power of two from 16 to 256, got 48"),
+    "image size out of range": (["--image-size", "512"], r"--image-size must be a power of two from 16 to 256, got 512"),
+    "negative lambda": (["--lambda-gp", "-1"], r"--lambda-gp must be >= 0, got -1"),
+    "negative lr": (["--lr-g", "-0.001"], r"--lr-g must be > 0, got -0.001"),
+    "too few images": (["--max-images", "4"], r"the dataset has 4 images, fewer than --batch-size 8"),
+    "resume of a missing file": (["--resume", "nothing.pt"], r"checkpoint nothing.pt does not exist"),
+    "checkpoint of another script": (["--resume", "other.pt"], r"other.pt is not a \w+\.py checkpoint \(it comes from some_other_gan\.py\)"),
+    "not a checkpoint": (["--resume", "garbage.pt"], r"cannot read checkpoint garbage.pt"),
+}
+
+
+@pytest.fixture
+def bad_inputs_dir(tmp_path, monkeypatch):
+    """A working folder holding the bad inputs that BAD_INPUTS names."""
+    from PIL import Image
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "corrupt" / "a.png")
+    (tmp_path / "corrupt" / "b.png").write_text("this is text, not a PNG")
+    torch.save({"kind": "some_other_gan", "args": {}}, tmp_path / "other.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_by_the_checks_before_training(script, case, bad_inputs_dir):
+    """In-process, the checks that the main block runs, in its order, before it writes anything."""
+    module = load(script)
+    flags, pattern = BAD_INPUTS[case]
+    with pytest.raises(SystemExit) as stop:
+        args = tyro.cli(module.Args, args=[*TINY, *flags])
+        if args.resume:
+            module.load_checkpoint(args.resume)
+        module.check_args(args)
+        module.load_dataset(args)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message and re.search(pattern, message), message
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", ["negative lambda", "non-image file", "checkpoint of another script"])
+def test_bad_input_exits_with_one_line_and_writes_nothing(script, case, bad_inputs_dir):
+    flags, pattern = BAD_INPUTS[case]
+    expect_error(run(script, *TINY, *flags, cwd=bad_inputs_dir), pattern)
+    assert not (bad_inputs_dir / "runs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_checkpoint_with_other_shapes_is_refused(script, trained, tmp_path):
+    ckpt = trained(script) / "checkpoint.pt"
+    expect_error(run(script, "--resume", str(ckpt), "--g-width", "16", cwd=tmp_path), r"does not fit this Generator: size mismatch")
+    expect_error(run(script, "--generate", "nothing.pt", cwd=tmp_path), r"checkpoint nothing.pt does not exist")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_existing_run_is_not_overwritten(script, trained):
+    run_dir = trained(script)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    result = run(script, *TINY, "--run-name", "tiny", cwd=run_dir.parent.parent)
+    expect_error(result, r"runs/tiny already holds a run: continue it with --resume runs/tiny/checkpoint.pt")
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def docstrings(script: str) -> dict:
+    """Each Args field and the docstring written under it, read from the source."""
+    tree = ast.parse((ROOT / f"{script}.py").read_text())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args").body
+    found = {}
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign):
+            has_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+            found[node.target.id] = after.value.value if has_doc else None
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_field_with_its_docstring(script, tmp_path):
+    result = run(script, "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    fields = docstrings(script)
+    assert set(fields) == {f.name for f in __import__("dataclasses").fields(load(script).Args)}
+    for name, doc in fields.items():
+        assert doc, f"Args.{name} has no docstring"
+        assert f"--{name.replace('_', '-')}" in help_text, name
+        assert " ".join(doc.split())[:40] in help_text, (name, doc)
