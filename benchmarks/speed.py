@@ -1,0 +1,295 @@
+"""Speed of the full training step (n_critic critic steps + one generator step), measured side by side.
+
+    python benchmarks/speed.py                      # CPU, and CUDA too when a GPU is present
+
+Each row is one configuration, timed in this run on this machine: first the step written the
+textbook way, then the same step with one lever added at a time, then the scripts themselves
+(run as a user runs them, their own logged images/s) with their option levers. Ratios are
+against the textbook row of the same device and size. Warm-up steps are excluded; each figure
+is the median over --steps generator steps; on CUDA every timing is bracketed by synchronize().
+FLOPs per step are counted with torch.utils.flop_counter on one step; the machine's peak is a
+large fp32 matmul timed in the same run.
+"""
+
+import contextlib
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import wgan_gp  # noqa: E402  (the models and data loaders under test)
+
+SCRIPTS = ["wgan_gp", "dcgan", "cond_wgan_gp", "resnet_sn_wgan_gp"]
+
+
+@dataclass
+class Args:
+    scripts: List[str] = field(default_factory=lambda: [s for s in SCRIPTS if (ROOT / f"{s}.py").exists()])
+    """scripts whose own training loop is timed"""
+    shapes: List[str] = field(default_factory=lambda: ["32x1", "64x3"])
+    """image size x channels of each measured setting"""
+    devices: Optional[List[str]] = None
+    """devices to measure; default cpu, plus cuda when available"""
+    steps: int = 20
+    """timed generator steps per row (the median is reported)"""
+    warmup: int = 3
+    """untimed generator steps before timing (allocator, cudnn autotuning, compilation)"""
+    batch_size: int = 64
+    """images per critic step and per generator step"""
+    width: int = 64
+    """generator and critic width of the textbook rows (the scripts run with their defaults)"""
+    out_dir: str = str(ROOT / "benchmarks" / "results")
+    """where speed-<device>.md is written"""
+    script_flags: str = ""
+    """extra flags for every script run (the smoke test passes tiny widths)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The textbook step: what most WGAN-GP repositories do, with each lever switchable.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Levers:
+    tensor_data: bool = False  # uint8 tensor on the device, batches are index slices (else PIL decode per image)
+    one_forward: bool = False  # real and fake scored in one critic forward (else three: real, fake, interpolates)
+    channels_last: bool = False
+    bf16: bool = False
+    compile: bool = False
+
+
+def pil_loader(images: torch.Tensor, size: int, channels: int, batch_size: int):
+    """torchvision's MNIST recipe: a PIL image per sample, Resize + ToTensor + Normalize in 2 workers."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    class PilImages(torch.utils.data.Dataset):
+        transform = T.Compose([T.Resize(size), T.Grayscale(channels), T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)])
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(images[i, 0].numpy(), mode="L"))
+
+    loader = torch.utils.data.DataLoader(PilImages(), batch_size=batch_size, shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
+    while True:
+        yield from loader
+
+
+def textbook_step_fn(levers: Levers, size: int, channels: int, batch_size: int, width: int, device: torch.device, raw: torch.Tensor):
+    """Build models, optimizers and data for one configuration; return a function that runs one full step."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if levers.channels_last else torch.contiguous_format
+    generator = wgan_gp.Generator(128, channels, size, width).to(device, memory_format=fmt)
+    critic = wgan_gp.Critic(channels, size, width, "layer").to(device, memory_format=fmt)
+    generator_fwd = torch.compile(generator) if levers.compile else generator
+    critic_fwd = torch.compile(critic) if levers.compile else critic
+    opt_g = torch.optim.Adam(generator.parameters(), lr=1e-4, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.0, 0.9))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=levers.bf16)
+    if levers.tensor_data:
+        images = wgan_gp.resize_images(wgan_gp.match_channels(raw, channels), size).to(device)
+
+        def next_real():
+            return images[torch.randint(len(images), (batch_size,), device=device)].contiguous(memory_format=fmt).float() / 127.5 - 1
+
+    else:
+        batches = pil_loader(raw, size, channels, batch_size)
+
+        def next_real():
+            return next(batches).to(device).contiguous(memory_format=fmt)
+
+    def step():
+        for _ in range(5):
+            real = next_real()
+            z = torch.randn(batch_size, 128, device=device)
+            with autocast:
+                with torch.no_grad():
+                    fake = generator_fwd(z)
+                if levers.one_forward:
+                    d_real, d_fake = critic_fwd(torch.cat([real, fake])).float().chunk(2)
+                    gp = wgan_gp.gradient_penalty(critic, real, fake.float())
+                else:  # the textbook penalty: its own forward on the interpolates
+                    d_real, d_fake = critic_fwd(real).float(), critic_fwd(fake).float()
+                    eps = torch.rand(batch_size, 1, 1, 1, device=device)
+                    x_hat = (eps * real + (1 - eps) * fake.float()).requires_grad_(True)
+                    (grad,) = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
+                    gp = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+                d_loss = d_fake.mean() - d_real.mean() + 10 * gp
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        critic.requires_grad_(False)
+        with autocast:
+            g_loss = -critic_fwd(generator_fwd(torch.randn(batch_size, 128, device=device))).float().mean()
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        critic.requires_grad_(True)
+
+    return step
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per call of step()."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class GlobalOnly(contextlib.nullcontext):
+    parents = {"Global"}
+
+
+def count_flops(step) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    # Its per-module tracker hooks reject autograd.grad on a leaf (the penalty's inner gradient);
+    # only the total is needed, so every FLOP is booked to "Global".
+    counter.mod_tracker = GlobalOnly()
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of the fastest of several large matmuls: the practical ceiling for the achieved fraction."""
+    n = 8192 if device.type == "cuda" else 4096
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(8 if device.type == "cpu" else 30):
+        times.append(time_steps(lambda: a @ b, steps=1, warmup=0, device=device))
+    return 2 * n**3 / min(times[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts as users run them: their own images/s, logged every step.
+# ---------------------------------------------------------------------------------------------
+def script_seconds_per_step(script: str, flags: List[str], args: Args, size: int, channels: int, device: torch.device, run_dir: Path) -> tuple:
+    """Median seconds per generator step of a script's own loop, and its critic steps per generator step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    command = [
+        sys.executable, str(ROOT / f"{script}.py"), "--device", str(device), "--image-size", str(size), "--channels", str(channels),
+        "--batch-size", str(args.batch_size), "--total-steps", str(args.warmup + args.steps), "--log-every", "1",
+        "--sample-every", "1000000", "--save-every", "1000000", "--runs-dir", str(run_dir.parent), "--run-name", run_dir.name,
+        *args.script_flags.split(), *flags,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {script}.py {' '.join(flags)} failed: {result.stderr.strip().splitlines()[-1]}")
+    n_critic = torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"].get("n_critic", 1)  # real batches per step
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    rates = [e.value for e in events.Scalars("charts/images_per_sec")][args.warmup :]
+    return n_critic * args.batch_size / statistics.median(rates), n_critic
+
+
+def script_levers(script: str, device: torch.device) -> List[tuple]:
+    rows = [("defaults", []), ("no EMA (--ema-decay 0)", ["--ema-decay", "0"])]
+    if script == "wgan_gp":
+        rows += [("critic norm none", ["--critic-norm", "none"]), ("critic norm instance", ["--critic-norm", "instance"])]
+    if device.type == "cuda":
+        rows += [("fp32 (--precision fp32)", ["--precision", "fp32"]), ("--compile", ["--compile"])]
+    return rows
+
+
+def measure(device: torch.device, size: int, channels: int, args: Args, raw: torch.Tensor, workdir: Path) -> List[dict]:
+    steps = [("textbook: PIL per step, 3 critic forwards, fp32", Levers())]
+    steps.append(("+ uint8 tensor data, index slices", Levers(tensor_data=True)))
+    steps.append(("+ real and fake in one critic forward", Levers(tensor_data=True, one_forward=True)))
+    steps.append(("+ channels_last", Levers(tensor_data=True, one_forward=True, channels_last=True)))
+    if device.type == "cuda":
+        steps.append(("+ bf16 autocast", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True)))
+        steps.append(("+ torch.compile", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True, compile=True)))
+    rows = []
+    flops = count_flops(textbook_step_fn(Levers(tensor_data=True, one_forward=True), size, channels, args.batch_size, args.width, device, raw))
+    for label, levers in steps:
+        print(f"[{device}] {size}x{channels} {label}", flush=True)
+        seconds = time_steps(textbook_step_fn(levers, size, channels, args.batch_size, args.width, device, raw), args.steps, args.warmup, device)
+        rows.append({"config": label, "seconds": seconds, "flops": flops, "bf16": levers.bf16, "n_critic": 5})
+    for script in args.scripts:
+        for label, flags in script_levers(script, device):
+            print(f"[{device}] {size}x{channels} {script}.py {label}", flush=True)
+            run_dir = workdir / f"{script}-{size}x{channels}-{device.type}-{len(rows)}"
+            seconds, n_critic = script_seconds_per_step(script, flags, args, size, channels, device, run_dir)
+            bf16 = device.type == "cuda" and "fp32" not in flags  # the scripts' default precision on CUDA
+            rows.append({"config": f"{script}.py {label}", "seconds": seconds, "flops": flops if script == "wgan_gp" else None, "bf16": bf16, "n_critic": n_critic})
+    return rows
+
+
+def write_table(device: torch.device, results: dict, peaks: dict, args: Args) -> Path:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    lines = [
+        f"# Training-step speed on {device.type.upper()}",
+        "",
+        f"- Machine: {name}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}",
+        f"- Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`".rstrip() + "",
+        f"- Protocol: batch {args.batch_size}, one step = 5 critic steps + 1 generator step, {args.warmup} warm-up steps, "
+        f"median of {args.steps} timed steps; textbook rows: width {args.width}, latent 128, critic layer norm; script rows: "
+        f"the script's defaults at this size{' plus ' + args.script_flags if args.script_flags else ''}.",
+        "- Peak: " + ", ".join(f"{k} matmul {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + " (bf16 rows are measured against the bf16 peak)",
+        "",
+    ]
+    for shape, rows in results.items():
+        base = rows[0]["seconds"]
+        lines += [f"## {shape} (size x channels)", "", "| configuration | steps/s | real images/s | speed-up vs textbook | GFLOP/step | % of peak |", "|---|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            steps_per_sec = 1 / row["seconds"]
+            flops = f"{row['flops'] / 1e9:.1f}" if row["flops"] else "—"
+            peak = peaks["bf16" if row["bf16"] else "fp32"]
+            fraction = f"{100 * row['flops'] * steps_per_sec / peak:.1f}" if row["flops"] else "—"
+            images = steps_per_sec * row["n_critic"] * args.batch_size
+            lines.append(f"| {row['config']} | {steps_per_sec:.3f} | {images:.0f} | {base / row['seconds']:.2f}x | {flops} | {fraction} |")
+        lines.append("")
+    path = Path(args.out_dir) / f"speed-{device.type}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    unknown = [s for s in args.scripts if not (ROOT / f"{s}.py").exists()]
+    if unknown:
+        raise SystemExit(f"error: no such script: {', '.join(unknown)}")
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    raw = wgan_gp.load_idx_dataset("fashion-mnist", ROOT / "data")[0]  # (60000, 1, 28, 28) uint8
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in devices:
+            device = torch.device(name)
+            peaks = {"fp32": peak_flops(device, torch.float32)}
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
+                peaks["bf16"] = peak_flops(device, torch.bfloat16)
+            results = {}
+            for shape in args.shapes:
+                size, channels = (int(v) for v in shape.split("x"))
+                results[shape] = measure(device, size, channels, args, raw, Path(tmp))
+            print(f"wrote {write_table(device, results, peaks, args)}")
