@@ -496,6 +496,7 @@ def saved_args(ckpt: dict) -> Args:
 @torch.no_grad()
 def generate(args: Args) -> None:
     """Write args.num_images generator samples as PNGs into a folder, plus a grid of the first 64 beside it."""
+    check_args(args)
     ckpt = load_checkpoint(args.generate)
     saved = saved_args(ckpt)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,5 +1,5 @@
-"""Shared fixtures. A new script joins every shared check by adding its name to SCRIPTS and a
-model builder to build_models."""
+"""Shared fixtures. A new script joins every shared check by adding its name to SCRIPTS, its
+method flags to TINY_METHOD and a model builder to build_models."""
 
 import importlib
 import os
@@ -13,7 +13,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["wgan_gp"]
 # A training run small enough for a test: 32 px, narrow networks, few images.
-TINY = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--n-critic", "2", "--num-workers", "0"]
+TINY_COMMON = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--num-workers", "0"]
+TINY_METHOD = {"wgan_gp": ["--n-critic", "2"]}
+
+
+def tiny(script: str) -> list:
+    return TINY_COMMON + TINY_METHOD[script]
 
 
 def load(script: str):
@@ -53,7 +58,7 @@ def trained(tmp_path_factory):
     def get(script: str) -> Path:
         if script not in cache:
             cwd = tmp_path_factory.mktemp(f"run_{script}")
-            result = run(script, *TINY, "--total-steps", "4", "--log-every", "2", "--sample-every", "2", "--run-name", "tiny", cwd=cwd)
+            result = run(script, *tiny(script), "--total-steps", "4", "--log-every", "2", "--sample-every", "2", "--run-name", "tiny", cwd=cwd)
             assert result.returncode == 0, result.stderr[-3000:]
             cache[script] = cwd / "runs" / "tiny"
         return cache[script]

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import SCRIPTS, TINY, last_line, load, run
+from conftest import SCRIPTS, tiny, last_line, load, run
 from PIL import Image
 
 
@@ -130,7 +130,7 @@ def test_idx_file_that_is_not_one_is_refused(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_training_streams_celeba_through_workers(script, tmp_path):
     write_celeba(tmp_path / "data", 16)
-    flags = [*TINY, "--dataset", "celeba", "--data-dir", "data", "--image-size", "32", "--num-workers", "2", "--total-steps", "2"]
+    flags = [*tiny(script), "--dataset", "celeba", "--data-dir", "data", "--image-size", "32", "--num-workers", "2", "--total-steps", "2"]
     result = run(script, *flags, "--run-name", "faces", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     with Image.open(tmp_path / "runs/faces/samples/step_0000002.png") as grid:
@@ -143,7 +143,7 @@ def test_image_that_breaks_mid_file_is_named(script, tmp_path):
     broken = folder / "000007.jpg"
     whole = broken.read_bytes()
     broken.write_bytes(whole[: len(whole) * 2 // 3])  # the header reads, the pixels do not
-    flags = [*TINY, "--dataset", "celeba", "--data-dir", "data", "--image-size", "32", "--num-workers", "1", "--total-steps", "3"]
+    flags = [*tiny(script), "--dataset", "celeba", "--data-dir", "data", "--image-size", "32", "--num-workers", "1", "--total-steps", "3"]
     result = run(script, *flags, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last_line(result.stderr).startswith(f"error: cannot decode image data/celeba/img_align_celeba/000007.jpg"), last_line(result.stderr)

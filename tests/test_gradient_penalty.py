@@ -32,6 +32,13 @@ def images(seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_negative_lambda_is_refused(script):
+    module = load(script)
+    with pytest.raises(SystemExit, match=r"^error: --lambda-gp must be >= 0, got -1.0$"):
+        module.check_args(module.Args(lambda_gp=-1.0))
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
 def test_linear_critic_gives_squared_norm_error(script):
     w = torch.randn(C, S, S, generator=torch.Generator().manual_seed(1)) * 0.3
     gp = load(script).gradient_penalty(Linear(w), images(2), images(3))
