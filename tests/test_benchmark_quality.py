@@ -1,0 +1,74 @@
+"""benchmarks/quality.py: the Frechet distance against closed forms, the generated-folder layouts,
+and one end-to-end smoke run on tiny settings into a temporary results folder."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from conftest import ROOT
+from PIL import Image
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import quality  # noqa: E402
+
+
+def test_frechet_distance_matches_the_closed_form_of_diagonal_gaussians():
+    g = torch.Generator().manual_seed(0)
+    mu1, mu2 = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    s1, s2 = torch.rand(8, generator=g, dtype=torch.float64) + 0.1, torch.rand(8, generator=g, dtype=torch.float64) + 0.1
+    # FD = ||mu1 - mu2||^2 + sum_i (s1_i + s2_i - 2 sqrt(s1_i s2_i)) when both covariances are diagonal
+    expected = ((mu1 - mu2).pow(2).sum() + (s1 + s2 - 2 * (s1 * s2).sqrt()).sum()).item()
+    assert math.isclose(quality.frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2)), expected, rel_tol=1e-9)
+    # A shared rotation leaves the distance unchanged but makes C1 C2 non-symmetric: the general path.
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    rotated = quality.frechet_distance(q @ mu1, q @ torch.diag(s1) @ q.T, q @ mu2, q @ torch.diag(s2) @ q.T)
+    assert math.isclose(rotated, expected, rel_tol=1e-9)
+
+
+def test_frechet_distance_of_a_feature_set_with_itself_is_zero():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(2000, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated, like real features
+    fit = quality.gaussian_fit(features)
+    assert abs(quality.frechet_distance(*fit, *fit)) < 1e-6 * torch.trace(fit[1]).item()
+
+
+def test_coverage_kl_is_zero_when_uniform_and_log_k_when_collapsed():
+    assert quality.coverage_kl(torch.arange(10).repeat(7)) == 0
+    assert math.isclose(quality.coverage_kl(torch.full((50,), 3)), math.log(10))
+
+
+def test_class_folders_map_to_fashion_mnist_classes(tmp_path):
+    for folder in ("t-shirt_top", "Ankle boot"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((32, 32), 255 * i, dtype=np.uint8)).save(tmp_path / folder / f"{i:06d}.png")
+    images, requested = quality.read_generated(tmp_path)
+    assert images.shape == (4, 1, 32, 32) and images.min() == -1 and images.max() == 1
+    assert requested.tolist() == [9, 9, 0, 0]  # folders in sorted order: "Ankle boot" before "t-shirt_top"
+
+
+def test_quality_benchmark_runs_end_to_end(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--scripts", "wgan_gp", "--seeds", "1", "--fixed-steps", "2",
+               "--budget-minutes", "0.25", "--num-images", "200", "--ablations", "no EMA=--ema-decay 0",
+               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --num-workers 0",
+               "--results-dir", str(tmp_path / "results"), "--assets-dir", str(tmp_path / "assets")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stored = json.loads((tmp_path / "results" / "quality.json").read_text())
+    assert 0 <= stored["floor"]["fd"] < 1 and stored["classifier_accuracy"] > 0.9
+    rows = {row["kind"]: row for row in stored["scripts"]["wgan_gp"]["rows"]}
+    assert set(rows) == {"fixed", "budget", "ablation"}
+    for row in rows.values():
+        assert math.isfinite(row["fd"]) and row["fd"] > stored["floor"]["fd"]
+        assert 0 <= row["kl"] <= math.log(10) + 1e-9 and row["cond_acc"] is None
+    assert rows["fixed"]["steps"] == 2 and rows["ablation"]["steps"] == 2
+    # The resumed run was stopped once the budget was spent. How far it got depends on the machine's
+    # load: a SIGTERM that lands while it is still starting leaves the checkpoint at step 2.
+    assert rows["budget"]["steps"] >= 2 and rows["budget"]["wall_s"] >= 15
+    table = (tmp_path / "results" / "quality.md").read_text()
+    assert "| fixed 2 steps |" in table and "| 0.25 min budget |" in table and "| no EMA | `--ema-decay 0` |" in table
+    assert (tmp_path / "assets" / "wgan_gp-fashion-mnist.png").is_file()
+    assert (tmp_path / "assets" / "wgan_gp-fashion-mnist-2steps.png").is_file()
