@@ -488,6 +488,17 @@ def load_weights(module: nn.Module, state: dict, path: str) -> None:
         fail(f"checkpoint {path} does not fit this {type(module).__name__}: {detail}")
 
 
+def pick_device(name: Optional[str]) -> torch.device:
+    """--device, or cuda when available, else cpu; an unusable name stops with one line."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        fail(f"--device {name}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: this machine has no CUDA GPU that PyTorch can use")
+    return device
+
+
 def saved_args(ckpt: dict) -> Args:
     names = {f.name for f in dataclasses.fields(Args)}
     return Args(**{k: v for k, v in ckpt["args"].items() if k in names})
@@ -499,7 +510,7 @@ def generate(args: Args) -> None:
     check_args(args)
     ckpt = load_checkpoint(args.generate)
     saved = saved_args(ckpt)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     generator = Generator(saved.latent_dim, saved.channels, saved.image_size, saved.g_width)
     load_weights(generator, ckpt["ema"] or ckpt["generator"], args.generate)  # EMA weights when the run kept them
     generator.to(device).eval()
@@ -527,6 +538,7 @@ if __name__ == "__main__":
         ckpt = load_checkpoint(args.resume)
         args = tyro.cli(Args, default=dataclasses.replace(saved_args(ckpt), resume=args.resume))  # flags given now win
     check_args(args)
+    device = pick_device(args.device)
     data = load_dataset(args)  # before the run folder exists: bad data leaves nothing behind
 
     if ckpt:
@@ -542,7 +554,6 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp_dtype = None  # the CPU runs fp32: bf16 convolutions are slower than fp32 on CPUs without AMX
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # picks the fastest conv algorithms for our fixed shapes
@@ -571,8 +582,9 @@ if __name__ == "__main__":
             load_weights(ema, ckpt["ema"] or ckpt["generator"], args.resume)
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
-        scaler_g.load_state_dict(ckpt["scaler_g"])
-        scaler_d.load_state_dict(ckpt["scaler_d"])
+        if ckpt["scaler_g"] and scaler_g.is_enabled():  # empty when saved without fp16
+            scaler_g.load_state_dict(ckpt["scaler_g"])
+            scaler_d.load_state_dict(ckpt["scaler_d"])
         fixed_noise = ckpt["fixed_noise"].to(device)
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:

@@ -129,6 +129,7 @@ BAD_INPUTS = {
     "image size not a power of two": (["--image-size", "48"], r"--image-size must be a power of two from 16 to 256, got 48"),
     "image size out of range": (["--image-size", "512"], r"--image-size must be a power of two from 16 to 256, got 512"),
     "negative lr": (["--lr-g", "-0.001"], r"--lr-g must be > 0, got -0.001"),
+    "unknown device": (["--device", "tpu9"], r"--device tpu9: "),
     "too few images": (["--max-images", "4"], r"the dataset has 4 images, fewer than --batch-size 8"),
     "resume of a missing file": (["--resume", "nothing.pt"], r"checkpoint nothing.pt does not exist"),
     "checkpoint of another script": (["--resume", "other.pt"], r"other.pt is not a \w+\.py checkpoint \(it comes from some_other_gan\.py\)"),
@@ -162,6 +163,7 @@ def test_bad_input_is_refused_by_the_checks_before_training(script, case, bad_in
         if args.resume:
             module.load_checkpoint(args.resume)
         module.check_args(args)
+        module.pick_device(args.device)
         module.load_dataset(args)
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message and re.search(pattern, message), message
