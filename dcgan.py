@@ -55,7 +55,7 @@ class Args:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """autocast dtype on CUDA: auto is bf16 where the GPU has it, else fp16; fp16 adds a GradScaler; the CPU always runs fp32"""
     compile: bool = False
-    """compile the generator and critic forward passes with torch.compile (the first steps are slow)"""
+    """compile the forward passes of both networks with torch.compile (the first steps are slow)"""
     log_every: int = 50
     """generator steps between scalar logs (each log is one GPU sync)"""
     sample_every: int = 500
@@ -523,6 +523,17 @@ def load_weights(module: nn.Module, state: dict, path: str) -> None:
         fail(f"checkpoint {path} does not fit this {type(module).__name__}: {detail}")
 
 
+def pick_device(name: Optional[str]) -> torch.device:
+    """--device, or cuda when available, else cpu; an unusable name stops with one line."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        fail(f"--device {name}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: this machine has no CUDA GPU that PyTorch can use")
+    return device
+
+
 def saved_args(ckpt: dict) -> Args:
     names = {f.name for f in dataclasses.fields(Args)}
     return Args(**{k: v for k, v in ckpt["args"].items() if k in names})
@@ -534,7 +545,7 @@ def generate(args: Args) -> None:
     check_args(args)
     ckpt = load_checkpoint(args.generate)
     saved = saved_args(ckpt)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     generator = Generator(saved.latent_dim, saved.channels, saved.image_size, saved.g_width, saved.g_leaky)
     load_weights(generator, ckpt["ema"] or ckpt["generator"], args.generate)  # EMA weights when the run kept them
     generator.to(device).eval()
@@ -562,6 +573,7 @@ if __name__ == "__main__":
         ckpt = load_checkpoint(args.resume)
         args = tyro.cli(Args, default=dataclasses.replace(saved_args(ckpt), resume=args.resume))  # flags given now win
     check_args(args)
+    device = pick_device(args.device)
     data = load_dataset(args)  # before the run folder exists: bad data leaves nothing behind
 
     if ckpt:
@@ -577,7 +589,6 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp_dtype = None  # the CPU runs fp32: bf16 convolutions are slower than fp32 on CPUs without AMX
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # picks the fastest conv algorithms for our fixed shapes
@@ -604,8 +615,9 @@ if __name__ == "__main__":
             load_weights(ema, ckpt["ema"] or ckpt["generator"], args.resume)
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
-        scaler_g.load_state_dict(ckpt["scaler_g"])
-        scaler_d.load_state_dict(ckpt["scaler_d"])
+        if ckpt["scaler_g"] and scaler_g.is_enabled():  # empty when saved without fp16
+            scaler_g.load_state_dict(ckpt["scaler_g"])
+            scaler_d.load_state_dict(ckpt["scaler_d"])
         fixed_noise = ckpt["fixed_noise"].to(device)
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:

@@ -50,7 +50,7 @@ class Args:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """autocast dtype on CUDA: auto is bf16 where the GPU has it, else fp16; fp16 adds a GradScaler; the CPU always runs fp32"""
     compile: bool = False
-    """compile the generator and critic forward passes with torch.compile (the first steps are slow)"""
+    """compile the forward passes of both networks with torch.compile (the first steps are slow)"""
     log_every: int = 50
     """generator steps between scalar logs (each log is one GPU sync)"""
     sample_every: int = 500
