@@ -289,6 +289,12 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
         budget_grid = assets / f"{script}-fashion-mnist.png" if first else None
         add_row("fixed", "", "", seed, fixed_checkpoint, fixed_checkpoint.stem, args.fixed_steps, wall, fixed_grid)
         add_row("budget", "", "", seed, run_dir / "checkpoint.pt", run_dir.name, steps, budget_wall, budget_grid)
+        checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        if checkpoint.get("ema") is not None:
+            # The same weights without their moving average: --generate falls back to the raw generator.
+            raw_checkpoint = work / f"{script}-seed{seed}-raw.pt"
+            torch.save({**checkpoint, "ema": None}, raw_checkpoint)
+            add_row("budget-raw", "", "", seed, raw_checkpoint, raw_checkpoint.stem, steps, budget_wall)
         for j, (label, flags) in enumerate(ablations if script in args.ablation_scripts else []):
             print(f"[{script} seed {seed}] ablation {label!r}: training {args.fixed_steps} steps with {flags}")
             ablation_dir = work / f"{script}-seed{seed}-ablation{j}"
@@ -344,7 +350,8 @@ def write_markdown(stored: dict, path: Path) -> None:
         "the same run until the wall-clock budget (counted from the first launch, startup included) is spent and stop it with "
         "SIGTERM; ablations change flags of the fixed-steps run. Wall time is that of the training processes, startup "
         "included. Each checkpoint writes its images with the script's own `--generate --seed 0` (EMA weights where the run "
-        "kept them).",
+        "kept them); the budget checkpoint is also sampled with its raw generator weights, which isolates what the moving "
+        "average adds to the same training.",
         "- FD: Frechet distance between Gaussian fits of the classifier's 128-d penultimate features of the generated images "
         "and of the 10,000 test images (lower is better). Coverage KL: KL(predicted-class histogram || uniform); 0 when every "
         "class is drawn equally often, 2.30 when all images fall in one class. Conditional accuracy: how often the classifier "
@@ -369,7 +376,8 @@ def write_markdown(stored: dict, path: Path) -> None:
             "| row | FD | coverage KL | conditional accuracy | generator steps | wall time | seeds |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
-        for kind, title in [("fixed", f"fixed {settings['fixed_steps']} steps"), ("budget", f"{settings['budget_minutes']:g} min budget")]:
+        budget_title = f"{settings['budget_minutes']:g} min budget"
+        for kind, title in [("fixed", f"fixed {settings['fixed_steps']} steps"), ("budget", budget_title), ("budget-raw", f"{budget_title}, sampled without EMA")]:
             group = [r for r in rows if r["kind"] == kind]
             if not group:
                 continue

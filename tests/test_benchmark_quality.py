@@ -60,7 +60,8 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     stored = json.loads((tmp_path / "results" / "quality.json").read_text())
     assert 0 <= stored["floor"]["fd"] < 1 and stored["classifier_accuracy"] > 0.9
     rows = {row["kind"]: row for row in stored["scripts"]["wgan_gp"]["rows"]}
-    assert set(rows) == {"fixed", "budget", "ablation"}
+    assert set(rows) == {"fixed", "budget", "budget-raw", "ablation"}
+    assert rows["budget-raw"]["steps"] == rows["budget"]["steps"]  # the same checkpoint, sampled without its EMA
     for row in rows.values():
         assert math.isfinite(row["fd"]) and row["fd"] > stored["floor"]["fd"]
         assert 0 <= row["kl"] <= math.log(10) + 1e-9 and row["cond_acc"] is None
@@ -69,6 +70,6 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     # load: a SIGTERM that lands while it is still starting leaves the checkpoint at step 2.
     assert rows["budget"]["steps"] >= 2 and rows["budget"]["wall_s"] >= 15
     table = (tmp_path / "results" / "quality.md").read_text()
-    assert "| fixed 2 steps |" in table and "| 0.25 min budget |" in table and "| no EMA | `--ema-decay 0` |" in table
+    assert "| fixed 2 steps |" in table and "| 0.25 min budget |" in table and "| 0.25 min budget, sampled without EMA |" in table and "| no EMA | `--ema-decay 0` |" in table
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist.png").is_file()
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist-2steps.png").is_file()
