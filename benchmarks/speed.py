@@ -49,7 +49,9 @@ class Args:
     batch_size: int = 64
     """images per critic step and per generator step"""
     width: int = 64
-    """generator and critic width of the textbook rows (the scripts run with their defaults)"""
+    """generator and critic width of every row, so that all rows time the same networks"""
+    peak_size: Optional[int] = None
+    """side of the square matmul that measures the peak; default 8192 on CUDA, 4096 on CPU"""
     out_dir: str = str(ROOT / "benchmarks" / "results")
     """where speed-<device>.md is written"""
     script_flags: str = ""
@@ -173,9 +175,9 @@ def count_flops(step) -> float:
     return counter.get_total_flops()
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+def peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[int]) -> float:
     """FLOP/s of the fastest of several large matmuls: the practical ceiling for the achieved fraction."""
-    n = 8192 if device.type == "cuda" else 4096
+    n = size or (8192 if device.type == "cuda" else 4096)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(8 if device.type == "cpu" else 30):
@@ -194,7 +196,7 @@ def script_seconds_per_step(script: str, flags: List[str], args: Args, size: int
         sys.executable, str(ROOT / f"{script}.py"), "--device", str(device), "--image-size", str(size), "--channels", str(channels),
         "--batch-size", str(args.batch_size), "--total-steps", str(args.warmup + args.steps), "--log-every", "1",
         "--sample-every", "1000000", "--save-every", "1000000", "--runs-dir", str(run_dir.parent), "--run-name", run_dir.name,
-        *args.script_flags.split(), *flags,
+        "--g-width", str(args.width), "--d-width", str(args.width), *args.script_flags.split(), *flags,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -209,6 +211,7 @@ def script_levers(script: str, device: torch.device) -> List[tuple]:
     rows = [("defaults", []), ("no EMA (--ema-decay 0)", ["--ema-decay", "0"])]
     if script == "wgan_gp":
         rows += [("critic norm none", ["--critic-norm", "none"]), ("critic norm instance", ["--critic-norm", "instance"])]
+        rows += [("widths 32", ["--g-width", "32", "--d-width", "32"])]
     if device.type == "cuda":
         rows += [("fp32 (--precision fp32)", ["--precision", "fp32"]), ("--compile", ["--compile"])]
     return rows
@@ -252,8 +255,8 @@ def write_table(device: torch.device, results: dict, peaks: dict, args: Args) ->
         f"- torch {torch.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}",
         f"- Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`".rstrip() + "",
         f"- Protocol: batch {args.batch_size}, one step = 5 critic steps + 1 generator step, {args.warmup} warm-up steps, "
-        f"median of {args.steps} timed steps; textbook rows: width {args.width}, latent 128, critic layer norm; script rows: "
-        f"the script's defaults at this size{' plus ' + args.script_flags if args.script_flags else ''}.",
+        f"median of {args.steps} timed steps; every row at widths {args.width} unless it says otherwise; textbook rows: "
+        f"latent 128, critic layer norm; script rows: the script's defaults otherwise{' plus ' + args.script_flags if args.script_flags else ''}.",
         "- Peak: " + ", ".join(f"{k} matmul {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + " (bf16 rows are measured against the bf16 peak)",
         "",
     ]
@@ -284,10 +287,10 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         for name in devices:
             device = torch.device(name)
-            peaks = {"fp32": peak_flops(device, torch.float32)}
+            peaks = {"fp32": peak_flops(device, torch.float32, args.peak_size)}
             if device.type == "cuda":
                 torch.backends.cudnn.benchmark = True
-                peaks["bf16"] = peak_flops(device, torch.bfloat16)
+                peaks["bf16"] = peak_flops(device, torch.bfloat16, args.peak_size)
             results = {}
             for shape in args.shapes:
                 size, channels = (int(v) for v in shape.split("x"))
