@@ -105,10 +105,10 @@ class Args:
     """critic steps per generator step"""
     lambda_gp: float = 10.0
     """weight of the gradient penalty"""
-    g_width: int = 64
-    """channels of the generator's last hidden layer; each layer before it doubles them"""
-    d_width: int = 64
-    """channels of the critic's first layer; each layer after it doubles them"""
+    g_width: Optional[int] = None
+    """channels of the generator's last hidden layer, each layer before it doubles them; default 32 up to 32 px, else 64"""
+    d_width: Optional[int] = None
+    """channels of the critic's first layer, each layer after it doubles them; default 32 up to 32 px, else 64"""
     critic_norm: Literal["none", "layer", "instance"] = "layer"
     """normalisation in the critic; never batch norm, which couples the samples that the penalty treats one by one"""
 
@@ -126,6 +126,10 @@ def check_args(args: Args) -> None:
     """Fill the data-dependent defaults and reject settings that cannot train, before anything is written."""
     if args.image_size is None:
         args.image_size = 64 if args.dataset in ("celeba", "folder") else 32
+    if args.g_width is None:  # width 32 at 32 px: as good per step on Fashion-MNIST, 2.7x faster (README, Quality)
+        args.g_width = 32 if args.image_size <= 32 else 64
+    if args.d_width is None:
+        args.d_width = 32 if args.image_size <= 32 else 64
     if args.image_size not in (16, 32, 64, 128, 256):
         fail(f"--image-size must be a power of two from 16 to 256, got {args.image_size}")
     if args.channels not in (None, 1, 3):

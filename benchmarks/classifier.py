@@ -118,7 +118,8 @@ def machine() -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    name = f"{cpu}, {os.cpu_count()} cores"
+    used = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    name = f"{cpu}, {used} cores" if used == os.cpu_count() else f"{cpu}, {used} of its {os.cpu_count()} cores"
     return name + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
 
 

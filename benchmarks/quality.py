@@ -25,6 +25,7 @@ and results/quality.md is rewritten from all of it; the first seed's sample grid
 import contextlib
 import datetime
 import json
+import os
 import re
 import shlex
 import shutil
@@ -73,6 +74,8 @@ class Args:
     """where quality.json is merged into and quality.md is written"""
     assets_dir: str = str(ROOT / "assets")
     """where the first seed's sample grids are copied"""
+    cpus: Optional[List[int]] = None
+    """run everything on these CPU cores only, one thread per core (e.g. --cpus 0 leaves the other core to other work); default all"""
     work_dir: Optional[str] = None
     """keep the runs and generated PNGs in this new folder; default a temporary folder, deleted at the end"""
 
@@ -95,6 +98,8 @@ def check_args(args: Args) -> list:
         fail(f"--budget-minutes must be > 0, got {args.budget_minutes}")
     if args.num_images < 2:
         fail(f"--num-images must be >= 2 (a covariance needs two images), got {args.num_images}")
+    if args.cpus is not None and not set(args.cpus) <= os.sched_getaffinity(0):
+        fail(f"--cpus {' '.join(map(str, args.cpus))}: this process may only use cores {sorted(os.sched_getaffinity(0))}")
     if args.work_dir and Path(args.work_dir).exists():
         fail(f"--work-dir {args.work_dir} already exists: give a new folder")
     ablations = []
@@ -369,7 +374,8 @@ def write_markdown(stored: dict, path: Path) -> None:
         lines += [
             f"## {script}.py",
             "",
-            f"{settings['num_images']:,} generated images per checkpoint"
+            f"{settings['num_images']:,} generated images per checkpoint; every process ran on "
+            + (f"{settings['cpus']} CPU core{'s' if settings['cpus'] > 1 else ''} with as many threads" if "cpus" in settings else "all cores")
             + (f"; extra flags `{settings['script_flags']}`" if settings["script_flags"] else "")
             + ".",
             "",
@@ -408,6 +414,11 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     ablations = check_args(args)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show at once, also when piped into a log
+    if args.cpus is not None:
+        # The training and generation processes inherit both the core mask and the thread count.
+        os.sched_setaffinity(0, args.cpus)
+        os.environ["OMP_NUM_THREADS"] = str(len(args.cpus))
+        torch.set_num_threads(len(args.cpus))
     model = load_classifier()
 
     print("classifying the test images and the real-vs-real floor")
@@ -427,7 +438,7 @@ if __name__ == "__main__":
     stored = json.loads(json_path.read_text()) if json_path.exists() else {"scripts": {}}
     stored["floor"] = floor
     stored["classifier_accuracy"] = (test_predictions == test_labels).double().mean().item()
-    settings = {"fixed_steps": args.fixed_steps, "budget_minutes": args.budget_minutes, "num_images": args.num_images, "script_flags": args.script_flags}
+    settings = {"fixed_steps": args.fixed_steps, "budget_minutes": args.budget_minutes, "num_images": args.num_images, "script_flags": args.script_flags, "cpus": len(args.cpus or os.sched_getaffinity(0))}
     command = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
     with contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory() as work:
         work = Path(work)
