@@ -49,6 +49,15 @@ def test_batch_indices_resume_mid_stream_and_cover_each_epoch(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_batch_indices_of_two_ranks_split_each_batch_of_the_job(script):
+    BatchIndices = load(script).BatchIndices
+    job = iter(BatchIndices(24, 6, seed=3, start=0))
+    ranks = [iter(BatchIndices(24, 3, seed=3, start=0, rank=r, world_size=2)) for r in range(2)]
+    for _ in range(6):  # one and a half epochs
+        assert torch.equal(torch.cat([next(ranks[0]), next(ranks[1])]), next(job))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_embedded_fashion_mnist(script):
     module, args = args_for(script)
     data = module.load_dataset(args)
@@ -118,6 +127,25 @@ def test_folder_is_recursive_and_skips_non_images(script, tmp_path):
     assert sorted(data.labels.tolist()) == [-1, 0, 0, 1, 1, 1]
     pixels, _ = module.ImageFiles(data.files, data.labels, 16, 1)[0]
     assert pixels.shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_image_cache_is_written_once_then_read_and_checked(script, tmp_path):
+    folder = write_celeba(tmp_path, 5)
+    cache = tmp_path / "cache" / "celeba32.pt"
+    module, args = args_for(script, dataset="celeba", data_dir=str(tmp_path), image_size=32, num_workers=0, image_cache=str(cache))
+    data = module.load_dataset(args)
+    files = module.ImageFiles(sorted(folder.glob("*.jpg")), data.labels, 32, 3)
+    streamed = torch.stack([files[i][0] for i in range(5)])
+    assert data.images.shape == (5, 3, 32, 32) and torch.equal(data.images, streamed)  # the same pixels as streaming
+    assert cache.exists() and not list(cache.parent.glob("*.tmp"))
+    stored = torch.load(cache, weights_only=True)
+    stored["images"].zero_()  # a marker: a second run must take its pixels from the cache, not decode again
+    torch.save(stored, cache)
+    assert module.load_dataset(args).images.max() == 0
+    _, other = args_for(script, dataset="celeba", data_dir=str(tmp_path), image_size=16, num_workers=0, image_cache=str(cache))
+    with pytest.raises(SystemExit, match=r"^error: --image-cache .*celeba32.pt holds other images or another size: delete it or name another file$"):
+        module.load_dataset(other)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

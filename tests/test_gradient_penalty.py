@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import load
+from conftest import load, run, tiny
 
 GP_SCRIPTS = ["wgan_gp"]
 B, C, S = 6, 3, 8
@@ -117,3 +117,18 @@ def test_critic_scores_each_sample_on_its_own(script, norm):
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules())
     a, b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(critic(torch.cat([a, b])), torch.cat([critic(a), critic(b)]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_lazy_penalty_is_checked_and_trains(script, tmp_path):
+    module = load(script)
+    with pytest.raises(SystemExit, match=r"^error: --gp-every must be >= 1, got 0$"):
+        module.check_args(module.Args(gp_every=0))
+    result = run(script, *tiny(script), "--gp-every", "3", "--total-steps", "3", "--log-every", "3", "--run-name", "lazy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "lazy")).Reload()
+    (gp,) = [e.value for e in events.Scalars("losses/gradient_penalty")]
+    # 3 steps x 2 critic steps: the penalty ran on critic steps 0 and 3, weighted by 3, averaged over all 6.
+    assert 0 < gp < float("inf")

@@ -1,0 +1,135 @@
+"""Several processes (torchrun) on the CPU with the gloo backend: the ranks stay in step, and the
+averaged gradients equal those of one process that sees the whole batch."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SCRIPTS, tiny
+
+UNCONDITIONAL_GP_SCRIPTS = [s for s in ["wgan_gp", "resnet_sn_wgan_gp"] if s in SCRIPTS]
+
+# Runs a whole script as rank RANK of a 2-process job, then saves the parameters of every network it
+# built: the script's main block runs at module level, so its networks are globals afterwards.
+RUN_SCRIPT = """
+import runpy, sys, torch
+script, out = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+g = runpy.run_path(script, run_name="__main__")
+nets = {k: v for k, v in g.items() if isinstance(v, torch.nn.Module) and not k.endswith("_fwd")}
+torch.save({k: {n: p.detach() for n, p in v.named_parameters()} for k, v in nets.items()}, out)
+"""
+
+# One critic update on this rank's half of a fixed batch (or on all of it with WORLD_SIZE=1): the
+# loss of the training loop, the script's gradient_penalty with given interpolation weights, the
+# script's average_gradients, one Adam step.
+CRITIC_UPDATE = """
+import importlib, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+m = importlib.import_module(sys.argv[2])
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+if world > 1:
+    torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)
+critic = {critic}
+opt = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.0, 0.9))
+data = torch.Generator().manual_seed(1)
+real, fake = torch.rand(8, 1, 32, 32, generator=data) * 2 - 1, torch.rand(8, 1, 32, 32, generator=data) * 2 - 1
+eps = torch.rand(8, 1, 1, 1, generator=data)
+part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+real, fake, eps = real[part], fake[part], eps[part]
+d_real, d_fake = critic(torch.cat([real, fake])).chunk(2)
+loss = -(d_real.mean() - d_fake.mean()) + 10.0 * m.gradient_penalty(critic, real, fake, eps=eps)
+loss.backward()
+m.average_gradients(critic, world)
+grads = {{n: p.grad.clone() for n, p in critic.named_parameters()}}
+opt.step()
+torch.save({{"grads": grads, "weights": {{n: p.detach() for n, p in critic.named_parameters()}}}}, sys.argv[3])
+"""
+
+CRITICS = {
+    "wgan_gp": "m.Critic(1, 32, 8, 'layer')",
+    "resnet_sn_wgan_gp": "m.Critic(1, 32, 8)",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, argv_of_rank, cwd) -> None:
+    """Start `world` processes with the environment torchrun gives them; all must succeed."""
+    port = free_port()
+    processes = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        processes.append(subprocess.Popen([sys.executable, *argv_of_rank(rank)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in processes]
+    for rank, (p, out) in enumerate(zip(processes, outputs)):
+        assert p.returncode == 0, f"rank {rank}: {out[-3000:]}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_ranks_keep_identical_weights_and_only_rank0_writes(script, tmp_path):
+    (tmp_path / "worker.py").write_text(RUN_SCRIPT)
+    flags = [*tiny(script), "--total-steps", "3", "--log-every", "1", "--run-name", "job", "--max-images", "32", "--batch-size", "4"]
+    run_ranks(2, lambda rank: ["worker.py", str(ROOT / f"{script}.py"), f"rank{rank}.pt", *flags], tmp_path)
+    nets = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert {"generator"} < set(nets[0]) and len(nets[0]) >= 2  # the generator and the critic (discriminator), EMA where kept
+    for name, params in nets[0].items():
+        for key, value in params.items():
+            assert torch.equal(value, nets[1][name][key]), f"{name}.{key} differs between the ranks"
+    assert set(os.listdir(tmp_path / "runs")) == {"job"}
+    ckpt = torch.load(tmp_path / "runs" / "job" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    for key, value in nets[0]["generator"].items():
+        assert torch.equal(ckpt["generator"][key], value)
+
+
+@pytest.mark.parametrize("script", UNCONDITIONAL_GP_SCRIPTS)
+def test_critic_update_of_two_ranks_equals_one_process_on_the_whole_batch(script, tmp_path):
+    (tmp_path / "update.py").write_text(CRITIC_UPDATE.format(critic=CRITICS[script]))
+    run_ranks(1, lambda rank: ["update.py", str(ROOT), script, "single.pt"], tmp_path)
+    run_ranks(2, lambda rank: ["update.py", str(ROOT), script, f"rank{rank}.pt"], tmp_path)
+    single = torch.load(tmp_path / "single.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # Every parameter takes part but the score's bias, which cancels in E[D(x)] - E[D(x~)] and has no input gradient.
+    assert sum(bool(g.abs().max() > 0) for g in single["grads"].values()) == len(single["grads"]) - 1
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-6)  # float sums in another order
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_launches_a_two_process_job(tmp_path):
+    flags = [*tiny("wgan_gp"), "--total-steps", "2", "--log-every", "1", "--run-name", "job", "--max-images", "32", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "wgan_gp.py"), *flags]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("finished at step 2") == 1  # one process reports, the other stays quiet
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "job")).Reload()
+    per_sec = [e.value for e in events.Scalars("charts/images_per_sec")]
+    assert len(per_sec) == 2 and all(v > 0 for v in per_sec)
+
+
+def test_a_job_too_big_for_the_data_is_refused(tmp_path):
+    flags = [*tiny("wgan_gp"), "--max-images", "8", "--batch-size", "8"]
+    port = free_port()
+    processes = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        processes.append(subprocess.Popen([sys.executable, str(ROOT / "wgan_gp.py"), *flags], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert all(p.returncode == 1 for p in processes)
+    assert errors[0].strip().splitlines()[-1] == "error: the dataset has 8 images, fewer than one batch of 2 processes x --batch-size 8"
+    assert not (tmp_path / "runs").exists()
