@@ -13,6 +13,7 @@ large fp32 matmul timed in the same run.
 
 import contextlib
 import datetime
+import importlib
 import os
 import platform
 import statistics
@@ -208,7 +209,14 @@ def script_seconds_per_step(script: str, flags: List[str], args: Args, size: int
 
 
 def script_levers(script: str, device: torch.device) -> List[tuple]:
-    rows = [("defaults", []), ("no EMA (--ema-decay 0)", ["--ema-decay", "0"])]
+    script_args = importlib.import_module(script).Args()
+    rows = [("defaults", [])]
+    if script_args.ema_decay > 0:
+        rows += [("EMA off (--ema-decay 0)", ["--ema-decay", "0"])]
+    else:
+        rows += [("EMA on (--ema-decay 0.999)", ["--ema-decay", "0.999"])]
+    if hasattr(script_args, "gp_every"):
+        rows += [("lazy penalty (--gp-every 4)", ["--gp-every", "4"])]
     if script == "wgan_gp":
         rows += [("critic norm none", ["--critic-norm", "none"]), ("critic norm instance", ["--critic-norm", "instance"])]
         rows += [("widths 32", ["--g-width", "32", "--d-width", "32"])]

@@ -53,7 +53,7 @@ def test_class_folders_map_to_fashion_mnist_classes(tmp_path):
 def test_quality_benchmark_runs_end_to_end(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--scripts", "wgan_gp", "--seeds", "1", "--fixed-steps", "2",
                "--budget-minutes", "0.25", "--num-images", "200", "--ablations", "no EMA=--ema-decay 0",
-               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --num-workers 0",
+               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --num-workers 0 --ema-decay 0.999",
                "--results-dir", str(tmp_path / "results"), "--assets-dir", str(tmp_path / "assets")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,7 +16,8 @@ def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| configuration")]
     assert [r.split(" | ")[0][2:] for r in rows] == [
         "textbook: PIL per step, 3 critic forwards, fp32", "+ uint8 tensor data, index slices", "+ real and fake in one critic forward",
-        "+ channels_last", "wgan_gp.py defaults", "wgan_gp.py no EMA (--ema-decay 0)", "wgan_gp.py critic norm none", "wgan_gp.py critic norm instance", "wgan_gp.py widths 32",
+        "+ channels_last", "wgan_gp.py defaults", "wgan_gp.py EMA on (--ema-decay 0.999)", "wgan_gp.py lazy penalty (--gp-every 4)",
+        "wgan_gp.py critic norm none", "wgan_gp.py critic norm instance", "wgan_gp.py widths 32",
     ]  # fmt: skip
     assert rows[0].split(" | ")[3] == "1.00x"
     for row in rows:
