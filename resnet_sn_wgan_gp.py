@@ -372,9 +372,9 @@ def real_batches(data: ImageData, args: Args, device: torch.device, start: int):
 
 # ---------------------------------------------------------------------------------------------
 # Models: residual networks that work at any power-of-two size. Each generator block doubles the
-# side and halves the channels (never below width); each critic stage halves the side and doubles
-# them. Every 3x3 convolution keeps the side (padding 1); nearest up-sampling and average pooling
-# change it.
+# side and halves the channels (never below width). The critic's 3x3 stem and average poolings halve
+# the side; each residual block between them doubles the channels, but the last one at 4x4. Every
+# 3x3 convolution keeps the side (padding 1).
 #
 # Spectral normalisation (torch.nn.utils.parametrizations.spectral_norm; the older hook-based
 # torch.nn.utils.spectral_norm is marked for deprecation in PyTorch's docs) replaces a layer's
@@ -384,14 +384,17 @@ def real_batches(data: ImageData, args: Args, device: torch.device, start: int):
 # every time the weight is computed in training mode, that is once per forward pass of the
 # module (15 steps at construction); in eval mode the stored u, v are reused and nothing is
 # updated. Per generator step the critic runs 2 * n_critic + 1 = 11 forwards (real and fake
-# together, the penalty's interpolates, the generator's step) and the generator n_critic + 1 = 6,
-# so sigma follows weights that move a little per step. Gradients flow through sigma (with u, v
-# held fixed), in the penalty's double backward as well. Under CUDA autocast the power method runs
-# inside the autocast region: its matrix-vector products (torch.mv) are computed in bf16/fp16,
-# while u and v are written into their fp32 buffers, u^T W v is promoted to fp32 and W / sigma stays
-# fp32, so sigma carries bf16/fp16 rounding (about 3 significant digits in bf16). The CPU runs fp32.
-# u and v are in the state dict: a resumed run continues the same power iteration. The EMA
-# generator only runs in eval mode, with u, v copied from the generator by update_ema.
+# together, so both halves see the same sigma; the penalty's interpolates; the generator's step)
+# and the generator n_critic + 1 = 6, so sigma follows weights that move a little per step; where
+# the top two singular values are close, the power method needs tens of iterations (a test measures
+# it). Gradients flow through sigma (with u, v held fixed), in the penalty's double backward too.
+# Under CUDA autocast the power method runs inside the autocast region: its matrix-vector products
+# (torch.mv) are computed in bf16/fp16, while u and v are written into their fp32 buffers,
+# u^T W v is promoted to fp32 and W / sigma stays fp32, so sigma carries bf16/fp16 rounding (about
+# 3 significant digits in bf16). The CPU runs fp32. u and v are in the state dict: a resumed run
+# continues the same power iteration. The EMA generator runs in eval mode only, with u, v copied
+# from the generator by update_ema; u^T W_ema v then misses the EMA weights' own sigma only at
+# second order in W_ema - W.
 # ---------------------------------------------------------------------------------------------
 def maybe_spectral_norm(layer: nn.Module, on: bool) -> nn.Module:
     return nn.utils.parametrizations.spectral_norm(layer) if on else layer
