@@ -11,10 +11,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["wgan_gp", "dcgan"]
+SCRIPTS = ["wgan_gp", "dcgan", "resnet_sn_wgan_gp"]
 # A training run small enough for a test: 32 px, narrow networks, few images.
 TINY_COMMON = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--num-workers", "0"]
-TINY_METHOD = {"wgan_gp": ["--n-critic", "2"], "dcgan": []}
+TINY_METHOD = {"wgan_gp": ["--n-critic", "2"], "dcgan": [], "resnet_sn_wgan_gp": ["--n-critic", "2"]}
 
 
 def tiny(script: str) -> list:
@@ -34,6 +34,8 @@ def build_models(script: str, image_size: int, channels: int, latent_dim: int = 
         return module.Generator(latent_dim, channels, image_size, 8), module.Critic(channels, image_size, 8, "layer")
     if script == "dcgan":
         return module.Generator(latent_dim, channels, image_size, 8), module.Discriminator(channels, image_size, 8)
+    if script == "resnet_sn_wgan_gp":
+        return module.Generator(latent_dim, channels, image_size, 8), module.Critic(channels, image_size, 8, "instance")
     raise KeyError(script)
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from conftest import load, run, tiny
 
-GP_SCRIPTS = ["wgan_gp"]
+GP_SCRIPTS = ["wgan_gp", "resnet_sn_wgan_gp"]
 B, C, S = 6, 3, 8
 
 
@@ -89,9 +89,9 @@ def test_penalty_gradient_reaches_every_critic_parameter(script):
     gp = module.gradient_penalty(critic, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     gp.backward()
     # A bias with only piecewise-linear layers after it (the last conv's, the last norm's) leaves the
-    # input gradient unchanged, so only the convolution weights must all receive a non-zero gradient.
-    weights = [(name, p) for name, p in critic.named_parameters() if p.dim() == 4]
-    assert len(weights) == 4
+    # input gradient unchanged, so only the weights of convolutions and linear layers must all receive a non-zero gradient.
+    weights = [(name, p) for name, p in critic.named_parameters() if p.dim() >= 2]
+    assert len(weights) == {"wgan_gp": 4, "resnet_sn_wgan_gp": 10}[script]  # resnet: stem, 3 blocks of 2 convs, 2 shortcuts, the linear score
     for name, p in weights:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
@@ -101,7 +101,7 @@ def test_loss_scale_cancels_out(script):
     # The fp16 recipe scales the scores and divides the gradient back: in fp32 the result is unchanged.
     torch.manual_seed(0)
     module = load(script)
-    critic = module.Critic(1, 32, 8, "layer")
+    critic = module.Critic(1, 32, 8, "layer").eval()  # eval: a spectral norm's power iteration would move sigma between the calls
     real, fake, eps = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32), torch.rand(4, 1, 1, 1)
     plain = module.gradient_penalty(critic, real, fake, eps=eps)
     scaled = module.gradient_penalty(critic, real, fake, eps=eps, scale=65536.0)
@@ -113,7 +113,7 @@ def test_loss_scale_cancels_out(script):
 def test_critic_scores_each_sample_on_its_own(script, norm):
     # Real and fake share one forward pass in training; that is exact only without batch coupling.
     torch.manual_seed(0)
-    critic = load(script).Critic(3, 32, 8, norm)
+    critic = load(script).Critic(3, 32, 8, norm).eval()  # eval: a spectral norm's power iteration would move sigma between the calls
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules())
     a, b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(critic(torch.cat([a, b])), torch.cat([critic(a), critic(b)]), rtol=1e-5, atol=1e-5)
