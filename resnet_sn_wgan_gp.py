@@ -10,6 +10,7 @@ norm of Ulyanov, Vedaldi & Lempitsky 2016 (https://arxiv.org/abs/1607.08022).
     python resnet_sn_wgan_gp.py                                        # Fashion-MNIST 32x32, offline
     python resnet_sn_wgan_gp.py --dataset celeba --data-dir ~/data     # CelebA faces at 64x64
     python resnet_sn_wgan_gp.py --generate runs/<run>/checkpoint.pt    # 10,000 PNGs for FID
+    torchrun --nproc_per_node 4 resnet_sn_wgan_gp.py --dataset celeba  # 4 GPUs, --batch-size images each
 
 One file, read top to bottom: data, models, the loss, a CUDA/AMP training loop, TensorBoard
 logging, checkpoints that resume bit-identically, and image generation. Copy it anywhere: it
@@ -50,7 +51,7 @@ class Args:
     seed: int = 1
     """seed of the initial weights, the noise and the data order"""
     device: Optional[str] = None
-    """torch device (cpu, cuda, cuda:1, ...); default cuda when available, else cpu"""
+    """torch device (cpu, cuda, cuda:1, ...); default cuda when available, else cpu (under torchrun: cuda:<local rank>)"""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """autocast dtype on CUDA: auto is bf16 where the GPU has it, else fp16; fp16 adds a GradScaler; the CPU always runs fp32"""
     compile: bool = False
@@ -83,12 +84,16 @@ class Args:
     """use only the first N images (64 with batch size 64 trains on one batch: a sanity check)"""
     num_workers: int = min(8, os.cpu_count() or 1)
     """DataLoader processes that decode celeba and folder images"""
+    image_cache: Optional[str] = None
+    """file of celeba or folder images decoded once into one uint8 tensor: written by the first run, read by later ones, which then keep the images on the training device (CelebA at 64 px: 2.5 GB)"""
+    sync_bn: bool = False
+    """under torchrun on GPUs, compute the generator's batch-norm statistics over all processes' batches (SyncBatchNorm) instead of per process"""
 
     # Training
     total_steps: int = 10000
     """generator steps to train for"""
     batch_size: int = 64
-    """images per critic step and per generator step"""
+    """images per critic step and per generator step, per process under torchrun"""
     latent_dim: int = 128
     """size of the noise vector z"""
     lr_g: float = 2e-4
@@ -109,6 +114,8 @@ class Args:
     """critic steps per generator step"""
     lambda_gp: float = 10.0
     """weight of the gradient penalty"""
+    gp_every: int = 1
+    """lazy penalty: compute it on every k-th critic step only, weighted by k (StyleGAN2's lazy R1); 1 is the paper"""
     g_width: Optional[int] = None
     """channels of the generator's last hidden layer, each layer before it doubles them; default 32 up to 32 px, else 64"""
     d_width: Optional[int] = None
@@ -152,7 +159,7 @@ def check_args(args: Args) -> None:
     for name in ("beta1", "beta2", "ema_decay"):
         if not 0 <= getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    for name in ("total_steps", "batch_size", "latent_dim", "n_critic", "g_width", "d_width", "log_every", "sample_every", "save_every", "num_images", "max_images"):
+    for name in ("total_steps", "batch_size", "latent_dim", "n_critic", "g_width", "d_width", "log_every", "sample_every", "save_every", "num_images", "max_images", "gp_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -275,6 +282,8 @@ def load_dataset(args: Args) -> ImageData:
         labels = torch.tensor([classes.index(top) if top is not None else -1 for top in tops])
         args.channels = args.channels or 3
         data = ImageData(None, files, labels, classes)
+        if args.image_cache:
+            data = cached_images(data, folder, args)
     if len(data.labels) < args.batch_size:
         fail(f"the dataset has {len(data.labels)} images, fewer than --batch-size {args.batch_size}")
     return data
@@ -325,29 +334,69 @@ class ImageFiles(torch.utils.data.Dataset):
 
 class BatchIndices:
     """Endless batches of indices. Epoch e is a permutation seeded by (seed, e), so batch k is the same
-    in a straight run and in a resumed one: the data order needs no saved state."""
+    in a straight run and in a resumed one: the data order needs no saved state. Under torchrun, batch k
+    of the whole job holds world_size * batch_size indices and each process takes its own slice."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int):
-        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.start, self.rank, self.world_size = n, batch_size, seed, start, rank, world_size
 
     def __iter__(self):
-        per_epoch = self.n // self.batch_size  # the last partial batch is dropped
+        job_batch = self.batch_size * self.world_size
+        per_epoch = self.n // job_batch  # the last partial batch is dropped
         k, order, order_epoch = self.start, None, -1
         while True:
             epoch, i = divmod(k, per_epoch)
             if epoch != order_epoch:
                 order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
                 order_epoch = epoch
-            yield order[i * self.batch_size : (i + 1) * self.batch_size]
+            first = i * job_batch + self.rank * self.batch_size
+            yield order[first : first + self.batch_size]
             k += 1
 
 
-def real_batches(data: ImageData, args: Args, device: torch.device, start: int):
+def decoded(batches):
+    """Batches from DataLoader workers; a file that fails to decode stops with one line naming it."""
+    while True:
+        try:
+            yield next(batches)
+        except RuntimeError as e:  # a worker re-raises "cannot decode image ..." inside a long report
+            lines = [line for line in str(e).splitlines() if "cannot decode image" in line]
+            if lines:
+                fail(lines[-1].split("RuntimeError: ")[-1])
+            raise
+        except StopIteration:
+            return
+
+
+def cached_images(data: ImageData, folder: Path, args: Args) -> ImageData:
+    """data.files decoded into one (N, C, S, S) uint8 tensor: read from args.image_cache when it holds
+    exactly these files at this size, else decoded once by the DataLoader workers and written there."""
+    path = Path(args.image_cache)
+    key = {"files": [str(f.relative_to(folder)) for f in data.files], "image_size": args.image_size, "channels": args.channels}
+    if path.exists():
+        try:
+            cache = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            fail(f"cannot read --image-cache {path} ({type(e).__name__}: {str(e).splitlines()[0]})")
+        if not isinstance(cache, dict) or {k: cache.get(k) for k in key} != key:
+            fail(f"--image-cache {path} holds other images or another size: delete it or name another file")
+        return ImageData(cache["images"], [], data.labels, data.classes)
+    from tqdm import tqdm
+
+    dataset = ImageFiles(data.files, data.labels, args.image_size, args.channels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.num_workers)
+    images = torch.cat([pixels for pixels, _ in tqdm(decoded(iter(loader)), total=len(loader), desc=f"decoding into {path}")])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {**key, "images": images})  # temporary file + rename: an interrupted decode leaves no cache
+    return ImageData(images, [], data.labels, data.classes)
+
+
+def real_batches(data: ImageData, args: Args, device: torch.device, start: int, rank: int = 0, world_size: int = 1):
     """Yield (images in [-1, 1], labels) on the device forever, beginning with batch number `start`."""
-    indices = BatchIndices(len(data.labels), args.batch_size, args.seed, start)
+    indices = BatchIndices(len(data.labels), args.batch_size, args.seed, start, rank, world_size)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     if data.images is not None:
-        all_images, all_labels = data.images.to(device), data.labels.to(device)  # Fashion-MNIST is 60 MB: it fits anywhere
+        all_images, all_labels = data.images.to(device), data.labels.to(device)  # Fashion-MNIST is 60 MB, CelebA 2.5 GB
         source = ((all_images[idx], all_labels[idx]) for idx in (i.to(device) for i in indices))
     else:
         loader = torch.utils.data.DataLoader(
@@ -357,15 +406,8 @@ def real_batches(data: ImageData, args: Args, device: torch.device, start: int):
             pin_memory=device.type == "cuda",
             generator=torch.Generator(),  # its own seed source, so the global RNG (noise, penalty) stays untouched
         )
-        source = iter(loader)
-    while True:
-        try:
-            pixels, labels = next(source)
-        except RuntimeError as e:  # a worker re-raises "cannot decode image ..." inside a long report
-            lines = [line for line in str(e).splitlines() if "cannot decode image" in line]
-            if lines:
-                fail(lines[-1].split("RuntimeError: ")[-1])
-            raise
+        source = decoded(iter(loader))
+    for pixels, labels in source:
         pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         yield pixels.float().div_(127.5).sub_(1), labels.to(device, non_blocking=True)
 
@@ -563,14 +605,62 @@ def load_weights(module: nn.Module, state: dict, path: str) -> None:
 
 
 def pick_device(name: Optional[str]) -> torch.device:
-    """--device, or cuda when available, else cpu; an unusable name stops with one line."""
+    """--device, or cuda when available, else cpu; an unusable name stops with one line. Under torchrun,
+    a bare "cuda" becomes this process's GPU, cuda:<LOCAL_RANK>."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         fail(f"--device {name}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name}: this machine has no CUDA GPU that PyTorch can use")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): every process trains on its own slice of each batch and the
+# gradients are averaged before every optimizer step, so all processes keep the same weights.
+# ---------------------------------------------------------------------------------------------
+def init_distributed(device: torch.device) -> tuple:
+    """(rank, world_size): torchrun sets RANK and WORLD_SIZE; a plain `python script.py` is (0, 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return torch.distributed.get_rank(), world_size
+
+
+def average_gradients(module: nn.Module, world_size: int) -> None:
+    """Average the parameter gradients over all processes, in place: one all-reduce of one flat buffer.
+
+    Called after .backward() instead of wrapping the networks in DistributedDataParallel. DDP
+    all-reduces from hooks that fire while .backward() fills each gradient, and it expects each
+    forward of a wrapped module to be followed by such a backward. Here the critic (discriminator)
+    also runs frozen in the generator step and, in the gradient-penalty scripts, inside the
+    penalty, where torch.autograd.grad differentiates it with respect to its input and fills no
+    parameter gradient. Averaging once .backward() has finished covers every path a gradient came
+    by, the penalty's double backward included. The cost: communication does not overlap the
+    backward pass, small for networks of a few MB.
+    """
+    if world_size == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)  # sums; a non-finite fp16 gradient on one process reaches all, so all skip the step
+    flat /= world_size
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def any_process(flag: bool, world_size: int, group) -> bool:
+    """True on every process when `flag` is true on one: a stop request must end all processes at the same step."""
+    if world_size == 1:
+        return flag
+    flags = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)  # a CPU tensor: gloo, no GPU sync
+    return bool(flags.item())
 
 
 def saved_args(ckpt: dict) -> Args:
@@ -613,7 +703,13 @@ if __name__ == "__main__":
         args = tyro.cli(Args, default=dataclasses.replace(saved_args(ckpt), resume=args.resume))  # flags given now win
     check_args(args)
     device = pick_device(args.device)
+    rank, world_size = init_distributed(device)
+    is_main = rank == 0  # under torchrun only process 0 logs, writes grids and checkpoints
+    if args.sync_bn and world_size > 1 and device.type != "cuda":
+        fail("--sync-bn needs CUDA GPUs: SyncBatchNorm has no CPU implementation")
     data = load_dataset(args)  # before the run folder exists: bad data leaves nothing behind
+    if len(data.labels) < args.batch_size * world_size:
+        fail(f"the dataset has {len(data.labels)} images, fewer than one batch of {world_size} processes x --batch-size {args.batch_size}")
 
     if ckpt:
         run_dir = Path(args.resume).parent
@@ -622,10 +718,12 @@ if __name__ == "__main__":
         run_dir = Path(args.runs_dir) / args.run_name
         if (run_dir / "checkpoint.pt").exists():
             fail(f"{run_dir} already holds a run: continue it with --resume {run_dir / 'checkpoint.pt'} or pick another --run-name")
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     start_step = ckpt["step"] if ckpt else 0
-    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if ckpt else None)  # drop events logged after the checkpoint
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = None
+    if is_main:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if ckpt else None)  # drop events logged after the checkpoint
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     torch.manual_seed(args.seed)
     amp_dtype = None  # the CPU runs fp32: bf16 convolutions are slower than fp32 on CPUs without AMX
@@ -637,6 +735,8 @@ if __name__ == "__main__":
 
     generator = Generator(args.latent_dim, args.channels, args.image_size, args.g_width, args.g_norm, args.g_spectral_norm).to(device, memory_format=memory_format)
     critic = Critic(args.channels, args.image_size, args.d_width, args.critic_norm, args.critic_spectral_norm).to(device, memory_format=memory_format)
+    if args.sync_bn and world_size > 1:
+        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
     ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema_decay > 0 else None
     # The penalty's double backward (create_graph=True) always runs the eager critic: torch.compile's
     # AOTAutograd does not support double backward, so only the plain forward passes are compiled.
@@ -663,6 +763,8 @@ if __name__ == "__main__":
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+    if rank > 0:  # all processes built the same weights from args.seed; each other than 0 now draws its own noise
+        torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir / "checkpoint.pt", {
@@ -689,24 +791,25 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    stop_group = torch.distributed.new_group(backend="gloo") if world_size > 1 else None  # CPU flags even when NCCL moves the gradients
 
     from tqdm import tqdm
 
-    batches = real_batches(data, args, device, start=start_step * args.n_critic)  # each critic step takes one batch
+    batches = real_batches(data, args, device, start=start_step * args.n_critic, rank=rank, world_size=world_size)  # each critic step takes one batch
     loss_names = ["losses/critic", "losses/wasserstein_estimate", "losses/gradient_penalty", "losses/generator"]
     loss_sums = torch.zeros(len(loss_names), device=device)  # summed on the device; read every log_every steps
-    step, logged_step, logged_time = start_step, start_step, time.perf_counter()
-    if step == 0:
+    step, logged_step, logged_time, stopping = start_step, start_step, time.perf_counter(), False
+    if step == 0 and is_main:
         sample_grid(0)
-    with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True) as progress:  # closed even on errors
-        while step < args.total_steps and not stop_signal:
+    with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not is_main) as progress:  # closed even on errors
+        while step < args.total_steps and not stopping:
             lr_scale = 1 - step / args.total_steps if args.lr_decay else 1.0
             for group in opt_g.param_groups:
                 group["lr"] = args.lr_g * lr_scale
             for group in opt_d.param_groups:
                 group["lr"] = args.lr_d * lr_scale
 
-            for _ in range(args.n_critic):
+            for i in range(args.n_critic):
                 real, _ = next(batches)
                 z = torch.randn(args.batch_size, args.latent_dim, device=device)
                 with autocast:
@@ -715,11 +818,15 @@ if __name__ == "__main__":
                     # One forward for real and fake: the critic has no batch-coupled layers, so this equals two.
                     d_real, d_fake = critic_fwd(torch.cat([real, fake])).float().chunk(2)
                     wasserstein = d_real.mean() - d_fake.mean()
-                    gp = gradient_penalty(critic, real, fake.float(), scale=scaler_d.get_scale())  # get_scale syncs, under fp16 only
+                    gp = torch.zeros((), device=device)
+                    if (step * args.n_critic + i) % args.gp_every == 0:  # every critic step unless --gp-every > 1
+                        # Weighted by gp_every, so the penalty's weight per critic step stays lambda on average.
+                        gp = args.gp_every * gradient_penalty(critic, real, fake.float(), scale=scaler_d.get_scale())  # get_scale syncs, under fp16 only
                     # L_D = E[D(x~)] - E[D(x)] + lambda * E[(||grad D(x^)||_2 - 1)^2]
                     d_loss = -wasserstein + args.lambda_gp * gp
                 opt_d.zero_grad(set_to_none=True)
                 scaler_d.scale(d_loss).backward()
+                average_gradients(critic, world_size)
                 scaler_d.step(opt_d)
                 scaler_d.update()
                 loss_sums[:3] += torch.stack([d_loss, wasserstein, gp]).detach() / args.n_critic
@@ -731,6 +838,7 @@ if __name__ == "__main__":
                 g_loss = -critic_fwd(generator_fwd(z)).float().mean()
             opt_g.zero_grad(set_to_none=True)
             scaler_g.scale(g_loss).backward()
+            average_gradients(generator, world_size)
             scaler_g.step(opt_g)
             scaler_g.update()
             critic.requires_grad_(True)
@@ -739,25 +847,30 @@ if __name__ == "__main__":
             loss_sums[3] += g_loss.detach()
             step += 1
             progress.update(1)
+            stopping = any_process(bool(stop_signal), world_size, stop_group)
 
-            if step % args.log_every == 0 or step == args.total_steps or stop_signal:
+            if is_main and (step % args.log_every == 0 or step == args.total_steps or stopping):
                 values = (loss_sums / (step - logged_step)).tolist()  # the one sync point of the interval
                 elapsed = time.perf_counter() - logged_time
                 for name, value in zip(loss_names, values):
                     writer.add_scalar(name, value, step)
-                writer.add_scalar("charts/images_per_sec", (step - logged_step) * args.n_critic * args.batch_size / elapsed, step)
+                writer.add_scalar("charts/images_per_sec", (step - logged_step) * args.n_critic * args.batch_size * world_size / elapsed, step)
                 writer.add_scalar("charts/learning_rate", opt_g.param_groups[0]["lr"], step)
                 progress.set_postfix(critic=f"{values[0]:.3f}", gen=f"{values[3]:.3f}", w=f"{values[1]:.3f}")
                 loss_sums.zero_()
                 logged_step, logged_time = step, time.perf_counter()
-            if step % args.sample_every == 0 or step == args.total_steps or stop_signal:
+            if is_main and (step % args.sample_every == 0 or step == args.total_steps or stopping):
                 sample_grid(step)
-            if step % args.save_every == 0 or step == args.total_steps or stop_signal:
+            if is_main and (step % args.save_every == 0 or step == args.total_steps or stopping):
                 checkpoint(step)
 
-    write_gif(run_dir / "samples", run_dir / "progress.gif")
-    writer.close()
-    print(f"{'stopped' if stop_signal else 'finished'} at step {step}: {run_dir}")
-    if stop_signal:
-        print(f"continue with: python {os.path.basename(__file__)} --resume {run_dir / 'checkpoint.pt'}")
-        sys.exit(128 + stop_signal[0])
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    if is_main:
+        write_gif(run_dir / "samples", run_dir / "progress.gif")
+        writer.close()
+        print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}")
+        if stopping:
+            print(f"continue with: python {os.path.basename(__file__)} --resume {run_dir / 'checkpoint.pt'}")
+    if stopping:
+        sys.exit(128 + (stop_signal[0] if stop_signal else signal.SIGTERM))

@@ -52,7 +52,7 @@ torch.save({{"grads": grads, "weights": {{n: p.detach() for n, p in critic.named
 
 CRITICS = {
     "wgan_gp": "m.Critic(1, 32, 8, 'layer')",
-    "resnet_sn_wgan_gp": "m.Critic(1, 32, 8)",
+    "resnet_sn_wgan_gp": "m.Critic(1, 32, 8, 'instance')",
 }
 
 
@@ -102,7 +102,8 @@ def test_critic_update_of_two_ranks_equals_one_process_on_the_whole_batch(script
     # Every parameter takes part but the score's bias, which cancels in E[D(x)] - E[D(x~)] and has no input gradient.
     assert sum(bool(g.abs().max() > 0) for g in single["grads"].values()) == len(single["grads"]) - 1
     for name, grad in single["grads"].items():
-        torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-6)  # float sums in another order
+        # Float sums in another order: close to the scale of the gradient, far from a missing or doubled half.
+        torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max().item())
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
     for name, weight in single["weights"].items():
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-5, atol=1e-6)
