@@ -68,6 +68,8 @@ class Args:
     """ablations as "label=flags", e.g. "no EMA=--ema-decay 0"; trained for --fixed-steps with every seed"""
     ablation_scripts: List[str] = field(default_factory=lambda: ["wgan_gp"])
     """scripts the ablations are run for (those also in --scripts); each must accept the ablation flags"""
+    ablations_only: bool = False
+    """train only the ablations; the defaults' rows measured before under the same settings stay in the table"""
     script_flags: str = ""
     """extra flags appended to every training command, written with "=": --script-flags="--batch-size 8" (the smoke test passes tiny widths)"""
     results_dir: str = str(ROOT / "benchmarks" / "results")
@@ -110,6 +112,8 @@ def check_args(args: Args) -> list:
         ablations.append((label.strip(), flags.strip()))
     if len({label for label, _ in ablations}) != len(ablations):
         fail("two ablations share a label")
+    if args.ablations_only and not ablations:
+        fail("--ablations-only needs --ablations")
     if ablations and not set(args.scripts) & set(args.ablation_scripts):
         fail(f"the ablations run for --ablation-scripts {' '.join(args.ablation_scripts)}, and none of them is in --scripts")
     return ablations
@@ -275,7 +279,17 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
         rows.append({"kind": kind, "label": label, "flags": flags, "seed": seed, "steps": steps, "wall_s": wall, **metrics})
         print(f"[{script} seed {seed}] {label or kind}: FD {metrics['fd']:.2f}, coverage KL {metrics['kl']:.3f}, {steps} steps, {wall:.0f} s")
 
+    def run_ablations(seed: int) -> None:
+        for j, (label, flags) in enumerate(ablations if script in args.ablation_scripts else []):
+            print(f"[{script} seed {seed}] ablation {label!r}: training {args.fixed_steps} steps with {flags}")
+            ablation_dir = work / f"{script}-seed{seed}-ablation{j}"
+            wall = train(script, seed, shlex.split(flags), ablation_dir, args)
+            add_row("ablation", label, flags, seed, ablation_dir / "checkpoint.pt", ablation_dir.name, args.fixed_steps, wall)
+
     for seed in args.seeds:
+        if args.ablations_only:
+            run_ablations(seed)
+            continue
         first = seed == args.seeds[0]  # the first seed's grids illustrate the README
         run_dir = work / f"{script}-seed{seed}"
         print(f"[{script} seed {seed}] training {args.fixed_steps} steps")
@@ -300,11 +314,7 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
             raw_checkpoint = work / f"{script}-seed{seed}-raw.pt"
             torch.save({**checkpoint, "ema": None}, raw_checkpoint)
             add_row("budget-raw", "", "", seed, raw_checkpoint, raw_checkpoint.stem, steps, budget_wall)
-        for j, (label, flags) in enumerate(ablations if script in args.ablation_scripts else []):
-            print(f"[{script} seed {seed}] ablation {label!r}: training {args.fixed_steps} steps with {flags}")
-            ablation_dir = work / f"{script}-seed{seed}-ablation{j}"
-            wall = train(script, seed, shlex.split(flags), ablation_dir, args)
-            add_row("ablation", label, flags, seed, ablation_dir / "checkpoint.pt", ablation_dir.name, args.fixed_steps, wall)
+        run_ablations(seed)
     return rows
 
 
@@ -435,9 +445,7 @@ if __name__ == "__main__":
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / "quality.json"
-    stored = json.loads(json_path.read_text()) if json_path.exists() else {"scripts": {}}
-    stored["floor"] = floor
-    stored["classifier_accuracy"] = (test_predictions == test_labels).double().mean().item()
+    accuracy = (test_predictions == test_labels).double().mean().item()
     settings = {"fixed_steps": args.fixed_steps, "budget_minutes": args.budget_minutes, "num_images": args.num_images, "script_flags": args.script_flags, "cpus": len(args.cpus or os.sched_getaffinity(0))}
     command = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
     with contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory() as work:
@@ -447,6 +455,9 @@ if __name__ == "__main__":
             rows = measure_script(script, ablations, model, reference, args, work)
             entry = {"settings": settings, "commands": [command], "rows": rows}
             entry.update(machine=machine(), torch=torch.__version__, date=datetime.date.today().isoformat())
+            # Read just before writing: another quality.py (a script measured on another core) may have written since.
+            stored = json.loads(json_path.read_text()) if json_path.exists() else {"scripts": {}}
+            stored.update(floor=floor, classifier_accuracy=accuracy)
             merge(stored, script, entry)
             # Written after every script, so an interrupted run keeps what it finished.
             json_path.write_text(json.dumps(stored, indent=1))
