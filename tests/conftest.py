@@ -31,15 +31,16 @@ def load(script: str):
     return importlib.import_module(script)
 
 
-class FixedLabels(nn.Module):
-    """A conditional generator or critic called like an unconditional one: sample i gets label i mod num_classes."""
+class FixedLabel(nn.Module):
+    """A conditional generator or critic called like an unconditional one: every sample gets class `label`
+    (one class for all, so a sample's output does not depend on its place in the batch)."""
 
-    def __init__(self, model: nn.Module, num_classes: int):
+    def __init__(self, model: nn.Module, label: int):
         super().__init__()
-        self.model, self.num_classes = model, num_classes
+        self.model, self.label = model, label
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x, torch.arange(len(x), device=x.device) % self.num_classes)
+        out = self.model(x, torch.full((len(x),), self.label, device=x.device))
         return out[0] if isinstance(out, tuple) else out  # the critic's scores, without its class logits
 
 
@@ -47,7 +48,7 @@ def build_critic(script: str, channels: int, image_size: int, width: int, norm: 
     """The critic of a WGAN-GP script as a function of the images alone (a conditional one with its labels fixed)."""
     module = load(script)
     if script == "cond_wgan_gp":
-        return FixedLabels(module.Critic(channels, image_size, width, norm, 10, "projection", 4, False), 10)
+        return FixedLabel(module.Critic(channels, image_size, width, norm, 10, "projection", 4, False), 3)
     return module.Critic(channels, image_size, width, norm)
 
 
@@ -58,7 +59,7 @@ def build_models(script: str, image_size: int, channels: int, latent_dim: int = 
     if script == "dcgan":
         return module.Generator(latent_dim, channels, image_size, 8), module.Discriminator(channels, image_size, 8)
     if script == "cond_wgan_gp":
-        return FixedLabels(module.Generator(latent_dim, channels, image_size, 8, 10, 4), 10), build_critic(script, channels, image_size, 8, "layer")
+        return FixedLabel(module.Generator(latent_dim, channels, image_size, 8, 10, 4), 3), build_critic(script, channels, image_size, 8, "layer")
     raise KeyError(script)
 
 
