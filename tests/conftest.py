@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["wgan_gp", "dcgan", "resnet_sn_wgan_gp"]
+SCRIPTS = ["wgan_gp", "dcgan", "cond_wgan_gp", "resnet_sn_wgan_gp"]
 # A training run small enough for a test: 32 px, narrow networks, few images.
 TINY_COMMON = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--num-workers", "0"]
-TINY_METHOD = {"wgan_gp": ["--n-critic", "2"], "dcgan": [], "resnet_sn_wgan_gp": ["--n-critic", "2"]}
+TINY_METHOD = {"wgan_gp": ["--n-critic", "2"], "dcgan": [], "cond_wgan_gp": ["--n-critic", "2", "--embed-dim", "4"], "resnet_sn_wgan_gp": ["--n-critic", "2"]}
+# Rows of the fixed-noise grid on Fashion-MNIST where they are not 8: the conditional script draws one row per class.
+GRID_ROWS = {"cond_wgan_gp": 10}
 
 
 def tiny(script: str) -> list:
@@ -28,12 +31,35 @@ def load(script: str):
     return importlib.import_module(script)
 
 
+class FixedLabel(nn.Module):
+    """A conditional generator or critic called like an unconditional one: every sample gets class `label`
+    (one class for all, so a sample's output does not depend on its place in the batch)."""
+
+    def __init__(self, model: nn.Module, label: int):
+        super().__init__()
+        self.model, self.label = model, label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x, torch.full((len(x),), self.label, device=x.device))
+        return out[0] if isinstance(out, tuple) else out  # the critic's scores, without its class logits
+
+
+def build_critic(script: str, channels: int, image_size: int, width: int, norm: str) -> nn.Module:
+    """The critic of a WGAN-GP script as a function of the images alone (a conditional one with its labels fixed)."""
+    module = load(script)
+    if script == "cond_wgan_gp":
+        return FixedLabel(module.Critic(channels, image_size, width, norm, 10, "projection", 4, False), 3)
+    return module.Critic(channels, image_size, width, norm)
+
+
 def build_models(script: str, image_size: int, channels: int, latent_dim: int = 16):
     module = load(script)
     if script == "wgan_gp":
         return module.Generator(latent_dim, channels, image_size, 8), module.Critic(channels, image_size, 8, "layer")
     if script == "dcgan":
         return module.Generator(latent_dim, channels, image_size, 8), module.Discriminator(channels, image_size, 8)
+    if script == "cond_wgan_gp":
+        return FixedLabel(module.Generator(latent_dim, channels, image_size, 8, 10, 4), 3), build_critic(script, channels, image_size, 8, "layer")
     if script == "resnet_sn_wgan_gp":
         return module.Generator(latent_dim, channels, image_size, 8), module.Critic(channels, image_size, 8, "instance")
     raise KeyError(script)

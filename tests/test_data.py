@@ -22,16 +22,31 @@ def write_idx(path, array: np.ndarray):
         f.write(b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes())
 
 
-def write_celeba(root, n: int):
-    """torchvision's CelebA layout: <root>/celeba/img_align_celeba/000001.jpg, 178x218 like the aligned set.
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair Blurry Brown_Hair "
+    "Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache "
+    "Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair "
+    "Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+).split()
+# Flags a script needs to train on CelebA: the conditional one takes its classes from attributes.
+CELEBA_FLAGS = {"cond_wgan_gp": ["--celeba-attrs", "Male", "Smiling", "Young"]}
+
+
+def write_celeba(root, n: int, attributes=None):
+    """torchvision's CelebA layout: <root>/celeba/img_align_celeba/000001.jpg, 178x218 like the aligned set, and
+    list_attr_celeba.txt (a count, the 40 names, a line of 1/-1 per image; `attributes` maps image i to its list).
     Each image is green in the middle and red in the top and bottom 20 rows, which the center crop removes."""
     folder = root / "celeba" / "img_align_celeba"
     folder.mkdir(parents=True)
+    lines = [str(n), " ".join(CELEBA_ATTRIBUTES)]
     for i in range(n):
         pixels = np.zeros((218, 178, 3), np.uint8)
         pixels[:, :, 1] = 200
         pixels[:20], pixels[-20:] = (255, 0, 0), (255, 0, 0)
         Image.fromarray(pixels).save(folder / f"{i + 1:06d}.jpg", quality=98)
+        values = attributes(i) if attributes else [1 if (i >> (k % 3)) & 1 else -1 for k in range(40)]  # Male, Smiling, Young: bits 2, 1, 0
+        lines.append(f"{i + 1:06d}.jpg " + " ".join(f"{v:2d}" for v in values))  # CelebA pads the values to width 2
+    (root / "celeba" / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
     return folder
 
 
@@ -158,7 +173,7 @@ def test_idx_file_that_is_not_one_is_refused(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_training_streams_celeba_through_workers(script, tmp_path):
     write_celeba(tmp_path / "data", 16)
-    flags = [*tiny(script), "--dataset", "celeba", "--data-dir", "data", "--image-size", "32", "--num-workers", "2", "--total-steps", "2"]
+    flags = [*tiny(script), "--dataset", "celeba", "--data-dir", "data", "--image-size", "32", "--num-workers", "2", "--total-steps", "2", *CELEBA_FLAGS.get(script, [])]
     result = run(script, *flags, "--run-name", "faces", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     with Image.open(tmp_path / "runs/faces/samples/step_0000002.png") as grid:
@@ -171,7 +186,7 @@ def test_image_that_breaks_mid_file_is_named(script, tmp_path):
     broken = folder / "000007.jpg"
     whole = broken.read_bytes()
     broken.write_bytes(whole[: len(whole) * 2 // 3])  # the header reads, the pixels do not
-    flags = [*tiny(script), "--dataset", "celeba", "--data-dir", "data", "--image-size", "32", "--num-workers", "1", "--total-steps", "3"]
+    flags = [*tiny(script), "--dataset", "celeba", "--data-dir", "data", "--image-size", "32", "--num-workers", "1", "--total-steps", "3", *CELEBA_FLAGS.get(script, [])]
     result = run(script, *flags, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last_line(result.stderr).startswith(f"error: cannot decode image data/celeba/img_align_celeba/000007.jpg"), last_line(result.stderr)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import load, run, tiny
+from conftest import build_critic, load, run, tiny
 
-GP_SCRIPTS = ["wgan_gp", "resnet_sn_wgan_gp"]
+GP_SCRIPTS = ["wgan_gp", "cond_wgan_gp", "resnet_sn_wgan_gp"]
 B, C, S = 6, 3, 8
 
 
@@ -85,7 +85,7 @@ def test_zero_gradient_gives_one_and_no_nan(script):
 def test_penalty_gradient_reaches_every_critic_parameter(script):
     torch.manual_seed(0)
     module = load(script)
-    critic = module.Critic(3, 32, 8, "layer")
+    critic = build_critic(script, 3, 32, 8, "layer")
     gp = module.gradient_penalty(critic, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     gp.backward()
     # A bias with only piecewise-linear layers after it (the last conv's, the last norm's) leaves the
@@ -101,7 +101,7 @@ def test_loss_scale_cancels_out(script):
     # The fp16 recipe scales the scores and divides the gradient back: in fp32 the result is unchanged.
     torch.manual_seed(0)
     module = load(script)
-    critic = module.Critic(1, 32, 8, "layer").eval()  # eval: a spectral norm's power iteration would move sigma between the calls
+    critic = build_critic(script, 1, 32, 8, "layer").eval()  # eval: a spectral norm's power iteration would move sigma between the calls
     real, fake, eps = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32), torch.rand(4, 1, 1, 1)
     plain = module.gradient_penalty(critic, real, fake, eps=eps)
     scaled = module.gradient_penalty(critic, real, fake, eps=eps, scale=65536.0)
@@ -113,7 +113,7 @@ def test_loss_scale_cancels_out(script):
 def test_critic_scores_each_sample_on_its_own(script, norm):
     # Real and fake share one forward pass in training; that is exact only without batch coupling.
     torch.manual_seed(0)
-    critic = load(script).Critic(3, 32, 8, norm).eval()  # eval: a spectral norm's power iteration would move sigma between the calls
+    critic = build_critic(script, 3, 32, 8, norm).eval()  # eval: a spectral norm's power iteration would move sigma between the calls
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules())
     a, b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(critic(torch.cat([a, b])), torch.cat([critic(a), critic(b)]), rtol=1e-5, atol=1e-5)
