@@ -41,6 +41,10 @@ class Args:
     """scripts whose own training loop is timed"""
     shapes: List[str] = field(default_factory=lambda: ["32x1", "64x3"])
     """image size x channels of each measured setting"""
+    script_shapes: Optional[List[str]] = None
+    """where the scripts' own loops are timed, as SHAPE or SHAPE=script,script (e.g. 32x1 64x3=wgan_gp,dcgan); default every shape and script"""
+    cpus: Optional[List[int]] = None
+    """run on these CPU cores only, one thread per core (e.g. --cpus 0); default all"""
     devices: Optional[List[str]] = None
     """devices to measure; default cpu, plus cuda when available"""
     steps: int = 20
@@ -209,20 +213,37 @@ def script_seconds_per_step(script: str, flags: List[str], args: Args, size: int
 
 
 def script_levers(script: str, device: torch.device) -> List[tuple]:
+    """Rows per script: its defaults, then one flag changed per row. The EMA and lazy-penalty levers
+    cost the same in every script, so they are timed once, in the cheaper loops."""
     script_args = importlib.import_module(script).Args()
     rows = [("defaults", [])]
-    if script_args.ema_decay > 0:
-        rows += [("EMA off (--ema-decay 0)", ["--ema-decay", "0"])]
-    else:
-        rows += [("EMA on (--ema-decay 0.999)", ["--ema-decay", "0.999"])]
-    if hasattr(script_args, "gp_every"):
-        rows += [("lazy penalty (--gp-every 4)", ["--gp-every", "4"])]
+    if script in ("wgan_gp", "dcgan"):
+        if script_args.ema_decay > 0:
+            rows += [("EMA off (--ema-decay 0)", ["--ema-decay", "0"])]
+        else:
+            rows += [("EMA on (--ema-decay 0.999)", ["--ema-decay", "0.999"])]
     if script == "wgan_gp":
+        rows += [("lazy penalty (--gp-every 4)", ["--gp-every", "4"])]
         rows += [("critic norm none", ["--critic-norm", "none"]), ("critic norm instance", ["--critic-norm", "instance"])]
         rows += [("widths 32", ["--g-width", "32", "--d-width", "32"])]
+    if script == "cond_wgan_gp":
+        rows += [("concat critic", ["--critic-cond", "concat"]), ("AC loss (--lambda-ac 1)", ["--lambda-ac", "1"])]
+    if script == "resnet_sn_wgan_gp":
+        rows += [("critic spectral norm off", ["--no-critic-spectral-norm"])]
     if device.type == "cuda":
         rows += [("fp32 (--precision fp32)", ["--precision", "fp32"]), ("--compile", ["--compile"])]
     return rows
+
+
+def scripts_at(shape: str, args: Args) -> List[str]:
+    """The scripts whose loops are timed at this shape, following --script-shapes."""
+    if args.script_shapes is None:
+        return args.scripts
+    for spec in args.script_shapes:
+        at, _, names = spec.partition("=")
+        if at == shape:
+            return [s for s in args.scripts if not names or s in names.split(",")]
+    return []
 
 
 def measure(device: torch.device, size: int, channels: int, args: Args, raw: torch.Tensor, workdir: Path) -> List[dict]:
@@ -239,7 +260,7 @@ def measure(device: torch.device, size: int, channels: int, args: Args, raw: tor
         print(f"[{device}] {size}x{channels} {label}", flush=True)
         seconds = time_steps(textbook_step_fn(levers, size, channels, args.batch_size, args.width, device, raw), args.steps, args.warmup, device)
         rows.append({"config": label, "seconds": seconds, "flops": flops, "bf16": levers.bf16, "n_critic": 5})
-    for script in args.scripts:
+    for script in scripts_at(f"{size}x{channels}", args):
         for label, flags in script_levers(script, device):
             print(f"[{device}] {size}x{channels} {script}.py {label}", flush=True)
             run_dir = workdir / f"{script}-{size}x{channels}-{device.type}-{len(rows)}"
@@ -255,7 +276,7 @@ def write_table(device: torch.device, results: dict, peaks: dict, args: Args) ->
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {len(os.sched_getaffinity(0))} of its {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     lines = [
         f"# Training-step speed on {device.type.upper()}",
         "",
@@ -290,6 +311,11 @@ if __name__ == "__main__":
     unknown = [s for s in args.scripts if not (ROOT / f"{s}.py").exists()]
     if unknown:
         raise SystemExit(f"error: no such script: {', '.join(unknown)}")
+    if args.cpus is not None:
+        # The timed script processes inherit both the core mask and the thread count.
+        os.sched_setaffinity(0, args.cpus)
+        os.environ["OMP_NUM_THREADS"] = str(len(args.cpus))
+        torch.set_num_threads(len(args.cpus))
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     raw = wgan_gp.load_idx_dataset("fashion-mnist", ROOT / "data")[0]  # (60000, 1, 28, 28) uint8
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,3 +24,14 @@ def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
         steps_per_sec, images_per_sec = (float(v) for v in row.split(" | ")[1:3])
         assert steps_per_sec > 0 and images_per_sec > 0
     assert re.search(r"fp32 matmul \d+ GFLOP/s", table)
+
+
+def test_script_shapes_choose_where_each_script_is_timed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed
+
+    args = speed.Args(scripts=["wgan_gp", "dcgan", "resnet_sn_wgan_gp"], script_shapes=["32x1", "64x3=wgan_gp,dcgan"])
+    assert speed.scripts_at("32x1", args) == ["wgan_gp", "dcgan", "resnet_sn_wgan_gp"]
+    assert speed.scripts_at("64x3", args) == ["wgan_gp", "dcgan"]
+    assert speed.scripts_at("128x3", args) == []
+    assert speed.scripts_at("64x3", speed.Args(scripts=["dcgan"])) == ["dcgan"]

@@ -91,7 +91,8 @@ def test_penalty_gradient_reaches_every_critic_parameter(script):
     # A bias with only piecewise-linear layers after it (the last conv's, the last norm's) leaves the
     # input gradient unchanged, so only the weights of convolutions and linear layers must all receive a non-zero gradient.
     weights = [(name, p) for name, p in critic.named_parameters() if p.dim() >= 2]
-    assert len(weights) == {"wgan_gp": 4, "resnet_sn_wgan_gp": 10}[script]  # resnet: stem, 3 blocks of 2 convs, 2 shortcuts, the linear score
+    # wgan_gp: 4 convs; cond_wgan_gp: 4 convs and the projection embedding; resnet: stem, 3 blocks of 2 convs, 2 shortcuts, the linear score
+    assert len(weights) == {"wgan_gp": 4, "cond_wgan_gp": 5, "resnet_sn_wgan_gp": 10}[script]
     for name, p in weights:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
