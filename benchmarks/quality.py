@@ -313,7 +313,8 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
             # The same weights without their moving average: --generate falls back to the raw generator.
             raw_checkpoint = work / f"{script}-seed{seed}-raw.pt"
             torch.save({**checkpoint, "ema": None}, raw_checkpoint)
-            add_row("budget-raw", "", "", seed, raw_checkpoint, raw_checkpoint.stem, steps, budget_wall)
+            raw_grid = assets / f"{script}-fashion-mnist-no-ema.png" if first else None
+            add_row("budget-raw", "", "", seed, raw_checkpoint, raw_checkpoint.stem, steps, budget_wall, raw_grid)
         run_ablations(seed)
     return rows
 

@@ -13,8 +13,9 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["wgan_gp", "dcgan", "cond_wgan_gp", "resnet_sn_wgan_gp"]
-# A training run small enough for a test: 32 px, narrow networks, few images.
-TINY_COMMON = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--num-workers", "0"]
+# A training run small enough for a test: 32 px, narrow networks, few images; EMA on (off by default
+# in most scripts) so that the tests cover its checkpointing, resume and sampling.
+TINY_COMMON = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--num-workers", "0", "--ema-decay", "0.999"]
 TINY_METHOD = {"wgan_gp": ["--n-critic", "2"], "dcgan": [], "cond_wgan_gp": ["--n-critic", "2", "--embed-dim", "4"], "resnet_sn_wgan_gp": ["--n-critic", "2"]}
 # Rows of the fixed-noise grid on Fashion-MNIST where they are not 8: the conditional script draws one row per class.
 GRID_ROWS = {"cond_wgan_gp": 10}

@@ -72,4 +72,5 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     table = (tmp_path / "results" / "quality.md").read_text()
     assert "| fixed 2 steps |" in table and "| 0.25 min budget |" in table and "| 0.25 min budget, sampled without EMA |" in table and "| no EMA | `--ema-decay 0` |" in table
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist.png").is_file()
+    assert (tmp_path / "assets" / "wgan_gp-fashion-mnist-no-ema.png").is_file()
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist-2steps.png").is_file()
