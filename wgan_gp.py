@@ -163,7 +163,7 @@ def check_args(args: Args) -> None:
 @dataclass
 class ImageData:
     images: Optional[torch.Tensor]  # (N, C, S, S) uint8 when decoded up front, else None
-    files: list  # image paths decoded by workers when images is None
+    files: list  # image paths (decoded by workers when images is None)
     labels: torch.Tensor  # (N,) int64 class index, -1 where the data has no class
     classes: list  # class names
 
@@ -370,7 +370,7 @@ def cached_images(data: ImageData, folder: Path, args: Args) -> ImageData:
             fail(f"cannot read --image-cache {path} ({type(e).__name__}: {str(e).splitlines()[0]})")
         if not isinstance(cache, dict) or {k: cache.get(k) for k in key} != key:
             fail(f"--image-cache {path} holds other images or another size: delete it or name another file")
-        return ImageData(cache["images"], [], data.labels, data.classes)
+        return ImageData(cache["images"], data.files, data.labels, data.classes)
     from tqdm import tqdm
 
     dataset = ImageFiles(data.files, data.labels, args.image_size, args.channels)
@@ -378,7 +378,7 @@ def cached_images(data: ImageData, folder: Path, args: Args) -> ImageData:
     images = torch.cat([pixels for pixels, _ in tqdm(decoded(iter(loader)), total=len(loader), desc=f"decoding into {path}")])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {**key, "images": images})  # temporary file + rename: an interrupted decode leaves no cache
-    return ImageData(images, [], data.labels, data.classes)
+    return ImageData(images, data.files, data.labels, data.classes)  # the paths stay: labels can still be looked up by file name
 
 
 def real_batches(data: ImageData, args: Args, device: torch.device, start: int, rank: int = 0, world_size: int = 1):
