@@ -12,6 +12,11 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # pytest -n auto runs one worker per core: each worker and the scripts it starts (they inherit
+    # this variable) use one thread, instead of every process spreading over all cores at once.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 SCRIPTS = ["wgan_gp", "dcgan", "cond_wgan_gp", "resnet_sn_wgan_gp"]
 # A training run small enough for a test: 32 px, narrow networks, few images; EMA on (off by default
 # in most scripts) so that the tests cover its checkpointing, resume and sampling.
