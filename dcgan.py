@@ -108,7 +108,7 @@ class Args:
     lr_decay: bool = False
     """decay both learning rates linearly to 0 over total_steps"""
     ema_decay: float = 0.0
-    """decay of an exponential moving average of the generator weights that samples and generation use, e.g. 0.999; 0 (off, as measured best in README, Quality) samples the trained weights"""
+    """decay of a moving average of the generator weights used for samples and generation, e.g. 0.999; 0 (the default, which scored better in README, Quality) uses the trained weights"""
 
     # DCGAN
     g_width: int = 64
@@ -720,7 +720,7 @@ if __name__ == "__main__":
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-    if rank > 0:  # all processes built the same weights from args.seed; each other than 0 now draws its own noise
+    if rank > 0:  # every process built the same weights from args.seed; the others reseed to draw noise of their own
         torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
 
     def checkpoint(step: int) -> None:

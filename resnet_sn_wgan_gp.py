@@ -763,7 +763,7 @@ if __name__ == "__main__":
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-    if rank > 0:  # all processes built the same weights from args.seed; each other than 0 now draws its own noise
+    if rank > 0:  # every process built the same weights from args.seed; the others reseed to draw noise of their own
         torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
 
     def checkpoint(step: int) -> None:

@@ -103,7 +103,7 @@ class Args:
     lr_decay: bool = False
     """decay both learning rates linearly to 0 over total_steps"""
     ema_decay: float = 0.0
-    """decay of an exponential moving average of the generator weights that samples and generation use, e.g. 0.999; 0 (off, as measured best in README, Quality) samples the trained weights"""
+    """decay of a moving average of the generator weights used for samples and generation, e.g. 0.999; 0 (the default, which scored better in README, Quality) uses the trained weights"""
 
     # WGAN-GP
     n_critic: int = 5
@@ -133,7 +133,7 @@ def check_args(args: Args) -> None:
     """Fill the data-dependent defaults and reject settings that cannot train, before anything is written."""
     if args.image_size is None:
         args.image_size = 64 if args.dataset in ("celeba", "folder") else 32
-    if args.g_width is None:  # width 32 at 32 px: as good per step on Fashion-MNIST, 2.7x faster (README, Quality)
+    if args.g_width is None:  # 32 at 32 px: as good per step on Fashion-MNIST and about 3x faster (README, Quality)
         args.g_width = 32 if args.image_size <= 32 else 64
     if args.d_width is None:
         args.d_width = 32 if args.image_size <= 32 else 64
@@ -693,7 +693,7 @@ if __name__ == "__main__":
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt["rng_cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-    if rank > 0:  # all processes built the same weights from args.seed; each other than 0 now draws its own noise
+    if rank > 0:  # every process built the same weights from args.seed; the others reseed to draw noise of their own
         torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
 
     def checkpoint(step: int) -> None:
