@@ -111,16 +111,32 @@ def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> f
     return (predictions == labels).float().mean().item()
 
 
-def machine() -> str:
-    """CPU model and core count (plus the GPU when one is used): the hardware a timing belongs to."""
+def cpu_description() -> str:
+    """CPU model and the cores this process may use: the hardware a CPU timing belongs to."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     used = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    name = f"{cpu}, {used} cores" if used == os.cpu_count() else f"{cpu}, {used} of its {os.cpu_count()} cores"
-    return name + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    return f"{cpu}, {used} cores" if used == os.cpu_count() else f"{cpu}, {used} of its {os.cpu_count()} cores"
+
+
+def machine() -> str:
+    """The CPU, plus the GPU when one is used."""
+    return cpu_description() + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+
+
+def pin_to_cpus(cpus: list) -> None:
+    """Run this process and every process it starts on these cores only, one thread per core.
+
+    The benchmarks use it to measure on one core while the other core does other work."""
+    allowed = os.sched_getaffinity(0)
+    if not set(cpus) <= allowed:
+        wgan_gp.fail(f"--cpus {' '.join(map(str, cpus))}: this process may only use cores {' '.join(map(str, sorted(allowed)))}")
+    os.sched_setaffinity(0, cpus)
+    os.environ["OMP_NUM_THREADS"] = str(len(cpus))  # inherited by the training processes
+    torch.set_num_threads(len(cpus))
 
 
 if __name__ == "__main__":

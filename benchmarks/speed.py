@@ -14,7 +14,6 @@ large fp32 matmul timed in the same run.
 import contextlib
 import datetime
 import importlib
-import os
 import platform
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import wgan_gp  # noqa: E402  (the models and data loaders under test)
+from classifier import cpu_description, pin_to_cpus  # noqa: E402
 
 SCRIPTS = ["wgan_gp", "dcgan", "cond_wgan_gp", "resnet_sn_wgan_gp"]
 
@@ -272,19 +272,14 @@ def measure(device: torch.device, size: int, channels: int, args: Args, raw: tor
 
 
 def write_table(device: torch.device, results: dict, peaks: dict, args: Args) -> Path:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {len(os.sched_getaffinity(0))} of its {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_description()}, {torch.get_num_threads()} threads"
     lines = [
         f"# Training-step speed on {device.type.upper()}",
         "",
         f"- Machine: {name}",
         f"- torch {torch.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}",
         f"- Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`".rstrip() + "",
-        f"- Protocol: batch {args.batch_size}, one step = 5 critic steps + 1 generator step, {args.warmup} warm-up steps, "
+        f"- Protocol: batch {args.batch_size}, one step = n_critic critic steps + 1 generator step (5 + 1; dcgan.py 1 + 1), {args.warmup} warm-up steps, "
         f"median of {args.steps} timed steps; every row at widths {args.width} unless it says otherwise; textbook rows: "
         f"latent 128, critic layer norm; script rows: the script's defaults otherwise{' plus ' + args.script_flags if args.script_flags else ''}.",
         "- Peak: " + ", ".join(f"{k} matmul {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + " (bf16 rows are measured against the bf16 peak)",
@@ -313,10 +308,7 @@ if __name__ == "__main__":
     if unknown:
         raise SystemExit(f"error: no such script: {', '.join(unknown)}")
     if args.cpus is not None:
-        # The timed script processes inherit both the core mask and the thread count.
-        os.sched_setaffinity(0, args.cpus)
-        os.environ["OMP_NUM_THREADS"] = str(len(args.cpus))
-        torch.set_num_threads(len(args.cpus))
+        pin_to_cpus(args.cpus)  # the timed script processes inherit the cores and the thread count
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     raw = wgan_gp.load_idx_dataset("fashion-mnist", ROOT / "data")[0]  # (60000, 1, 28, 28) uint8
     with tempfile.TemporaryDirectory() as tmp:

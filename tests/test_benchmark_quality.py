@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
@@ -48,6 +49,15 @@ def test_class_folders_map_to_fashion_mnist_classes(tmp_path):
     images, requested = quality.read_generated(tmp_path)
     assert images.shape == (4, 1, 32, 32) and images.min() == -1 and images.max() == 1
     assert requested.tolist() == [9, 9, 0, 0]  # folders in sorted order: "Ankle boot" before "t-shirt_top"
+
+
+def test_options_that_cannot_run_are_refused_with_one_line():
+    with pytest.raises(SystemExit, match=r"^error: --ablations-only needs --ablations$"):
+        quality.check_args(quality.Args(scripts=["wgan_gp"], ablations_only=True))
+    import classifier
+
+    with pytest.raises(SystemExit, match=r"^error: --cpus 999: this process may only use cores \d"):
+        classifier.pin_to_cpus([999])  # speed.py pins with the same function
 
 
 def test_quality_benchmark_runs_end_to_end(tmp_path):

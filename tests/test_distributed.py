@@ -123,14 +123,18 @@ def test_torchrun_launches_a_two_process_job(tmp_path):
     assert len(per_sec) == 2 and all(v > 0 for v in per_sec)
 
 
-def test_a_job_too_big_for_the_data_is_refused(tmp_path):
-    flags = [*tiny("wgan_gp"), "--max-images", "8", "--batch-size", "8"]
+@pytest.mark.parametrize("flags, message", [
+    (["--max-images", "8", "--batch-size", "8"], "error: the dataset has 8 images, fewer than one batch of 2 processes x --batch-size 8"),
+    (["--sync-bn"], "error: --sync-bn needs CUDA GPUs: SyncBatchNorm has no CPU implementation"),
+])  # fmt: skip
+def test_bad_input_of_a_job_stops_every_process_with_one_line(flags, message, tmp_path):
     port = free_port()
     processes = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        processes.append(subprocess.Popen([sys.executable, str(ROOT / "wgan_gp.py"), *flags], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
+        command = [sys.executable, str(ROOT / "wgan_gp.py"), *tiny("wgan_gp"), "--device", "cpu", *flags]
+        processes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate(timeout=120)[1] for p in processes]
     assert all(p.returncode == 1 for p in processes)
-    assert errors[0].strip().splitlines()[-1] == "error: the dataset has 8 images, fewer than one batch of 2 processes x --batch-size 8"
+    assert [e.strip().splitlines()[-1] for e in errors] == [message, message]
     assert not (tmp_path / "runs").exists()
