@@ -10,13 +10,22 @@ from PIL import Image
 
 
 def test_export_reals_writes_the_training_pixels(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks/export_reals.py"), "--num-images", "5", "--seed", "3", "--out-dir", str(tmp_path / "reals")]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/export_reals.py"),
+        "--num-images",
+        "5",
+        "--seed",
+        "3",
+        "--out-dir",
+        str(tmp_path / "reals"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     module = load("wgan_gp")
     args = module.Args(batch_size=1)
     module.check_args(args)
-    images = module.load_dataset(args).images
+    images = module.load_dataset(args)[0]
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(3))[:5]
     for k, i in enumerate(chosen.tolist()):
         with Image.open(tmp_path / "reals" / f"{k:06d}.png") as png:
@@ -25,7 +34,17 @@ def test_export_reals_writes_the_training_pixels(tmp_path):
 
 
 def test_export_reals_refuses_more_images_than_the_dataset_has(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks/export_reals.py"), "--num-images", "60001", "--out-dir", str(tmp_path / "reals")]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/export_reals.py"),
+        "--num-images",
+        "60001",
+        "--out-dir",
+        str(tmp_path / "reals"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr.strip() == "error: --num-images must be from 1 to 60000 (the dataset's size), got 60001"
+    assert (
+        result.returncode == 1
+        and result.stderr.strip() == "error: --num-images must be from 1 to 60000 (the dataset's size), got 60001"
+    )
     assert not (tmp_path / "reals").exists()

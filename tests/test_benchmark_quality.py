@@ -19,7 +19,10 @@ import quality  # noqa: E402
 def test_frechet_distance_matches_the_closed_form_of_diagonal_gaussians():
     g = torch.Generator().manual_seed(0)
     mu1, mu2 = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
-    s1, s2 = torch.rand(8, generator=g, dtype=torch.float64) + 0.1, torch.rand(8, generator=g, dtype=torch.float64) + 0.1
+    s1, s2 = (
+        torch.rand(8, generator=g, dtype=torch.float64) + 0.1,
+        torch.rand(8, generator=g, dtype=torch.float64) + 0.1,
+    )
     # FD = ||mu1 - mu2||^2 + sum_i (s1_i + s2_i - 2 sqrt(s1_i s2_i)) when both covariances are diagonal
     expected = ((mu1 - mu2).pow(2).sum() + (s1 + s2 - 2 * (s1 * s2).sqrt()).sum()).item()
     assert math.isclose(quality.frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2)), expected, rel_tol=1e-9)
@@ -31,7 +34,9 @@ def test_frechet_distance_matches_the_closed_form_of_diagonal_gaussians():
 
 def test_frechet_distance_of_a_feature_set_with_itself_is_zero():
     g = torch.Generator().manual_seed(1)
-    features = torch.randn(2000, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated, like real features
+    features = torch.randn(2000, 128, generator=g) @ torch.randn(
+        128, 128, generator=g
+    )  # correlated, like real features
     fit = quality.gaussian_fit(features)
     assert abs(quality.frechet_distance(*fit, *fit)) < 1e-6 * torch.trace(fit[1]).item()
 
@@ -61,9 +66,10 @@ def test_options_that_cannot_run_are_refused_with_one_line():
 
 
 def test_quality_benchmark_runs_end_to_end(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--scripts", "wgan_gp", "--seeds", "1", "--fixed-steps", "2",
-               "--budget-minutes", "0.15", "--num-images", "200", "--ablations", "no EMA=--ema-decay 0",
-               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --num-workers 0 --ema-decay 0.999",
+    command = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--scripts", "wgan_gp", "--seeds", "1",
+               "--fixed-steps", "2", "--budget-minutes", "0.15", "--num-images", "200",
+               "--ablations", "no EMA=--ema-decay 0",
+               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --ema-decay 0.999",
                "--results-dir", str(tmp_path / "results"), "--assets-dir", str(tmp_path / "assets")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,7 +86,12 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     # load: a SIGTERM that lands while it is still starting leaves the checkpoint at step 2.
     assert rows["budget"]["steps"] >= 2 and rows["budget"]["wall_s"] >= 9
     table = (tmp_path / "results" / "quality.md").read_text()
-    assert "| fixed 2 steps |" in table and "| 0.15 min budget |" in table and "| 0.15 min budget, sampled without EMA |" in table and "| no EMA | `--ema-decay 0` |" in table
+    assert (
+        "| fixed 2 steps |" in table
+        and "| 0.15 min budget |" in table
+        and "| 0.15 min budget, sampled without EMA |" in table
+        and "| no EMA | `--ema-decay 0` |" in table
+    )
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist.png").is_file()
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist-no-ema.png").is_file()
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist-2steps.png").is_file()

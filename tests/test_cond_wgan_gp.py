@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tyro
-from conftest import last_line, load, load_checkpoint, run, tiny
+from conftest import copy_run, expect_error, load, load_checkpoint, run, tiny
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_data import CELEBA_ATTRIBUTES, write_celeba
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 cond = load("cond_wgan_gp")
-FASHION = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
+FASHION = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def pairwise_mean_abs(x: torch.Tensor) -> torch.Tensor:
@@ -27,10 +26,14 @@ def pairwise_mean_abs(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def test_generator_output_changes_with_the_label_for_a_fixed_noise():
     torch.manual_seed(0)
-    generator = cond.Generator(16, 1, 32, 8, 10, 16).eval()  # eval: batch norm uses running statistics, samples independent
+    generator = cond.Generator(
+        16, 1, 32, 8, 10, 16
+    ).eval()  # eval: batch norm uses running statistics, samples independent
     z = torch.randn(1, 16).repeat(10, 1)
     by_label = generator(z, torch.arange(10))
-    assert torch.equal(generator(z, torch.full((10,), 3)), by_label[3].expand(10, -1, -1, -1))  # same z, same label: same image
+    assert torch.equal(
+        generator(z, torch.full((10,), 3)), by_label[3].expand(10, -1, -1, -1)
+    )  # same z, same label: same image
     by_noise = generator(torch.randn(10, 16), torch.full((10,), 3))
     # At init every one of the 45 label pairs differs by 0.0024-0.0048 per pixel (seed 0), the same order as a change
     # of z (0.0033 on average); a generator that ignored its label would give exactly 0.
@@ -41,7 +44,7 @@ def test_generator_output_changes_with_the_label_for_a_fixed_noise():
 @pytest.mark.parametrize("critic_cond", ["projection", "concat"])
 def test_critic_score_depends_on_the_label(critic_cond):
     torch.manual_seed(0)
-    critic = cond.Critic(1, 32, 8, "layer", 10, critic_cond, 4, False)
+    critic = cond.Critic(1, 32, 8, 10, critic_cond, 4, False)
     x = torch.randn(1, 1, 32, 32).repeat(10, 1, 1, 1)
     scores, logits = critic(x, torch.arange(10))
     assert logits is None and scores.shape == (10,)
@@ -51,7 +54,7 @@ def test_critic_score_depends_on_the_label(critic_cond):
 
 def test_projection_adds_the_inner_product_of_the_class_embedding_with_the_pooled_features():
     torch.manual_seed(0)
-    critic = cond.Critic(3, 32, 8, "layer", 5, "projection", 4, False)
+    critic = cond.Critic(3, 32, 8, 5, "projection", 4, False)
     x = torch.randn(6, 3, 32, 32)
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     scores, _ = critic(x, labels)
@@ -63,8 +66,8 @@ def test_projection_adds_the_inner_product_of_the_class_embedding_with_the_poole
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_projection_and_concat_critics_have_their_shapes(image_size):
     torch.manual_seed(0)
-    projection = cond.Critic(3, image_size, 8, "layer", 7, "projection", 5, True)
-    concat = cond.Critic(3, image_size, 8, "layer", 7, "concat", 5, False)
+    projection = cond.Critic(3, image_size, 8, 7, "projection", 5, True)
+    concat = cond.Critic(3, image_size, 8, 7, "concat", 5, False)
     top = 8 * 2 ** (int(math.log2(image_size)) - 3)  # channels of the last 4x4 features: 32 at 32 px, 64 at 64 px
     assert projection.net[0].in_channels == 3 and projection.embed.weight.shape == (7, top)
     assert concat.net[0].in_channels == 3 + 5 and concat.embed.weight.shape == (7, 5)
@@ -75,13 +78,13 @@ def test_projection_and_concat_critics_have_their_shapes(image_size):
     scores, logits = concat(x, labels)
     assert scores.shape == (4,) and logits is None
     generator = cond.Generator(16, 3, image_size, 8, 7, 5)
-    assert generator.net[0].in_channels == 16 + 5
+    assert generator.net[1].in_channels == 16 + 5  # after the unflatten to (B, 16 + 5, 1, 1)
     assert generator(torch.randn(4, 16), labels).shape == (4, 3, image_size, image_size)
 
 
 def test_auxiliary_classifier_loss_is_the_cross_entropy_and_zero_when_off():
     torch.manual_seed(0)
-    critic = cond.Critic(1, 32, 8, "layer", 10, "projection", 4, True)
+    critic = cond.Critic(1, 32, 8, 10, "projection", 4, True)
     labels = torch.arange(8) % 10
     _, logits = critic(torch.randn(8, 1, 32, 32), labels)
     loss = cond.auxiliary_classifier_loss(logits, labels)
@@ -90,7 +93,9 @@ def test_auxiliary_classifier_loss_is_the_cross_entropy_and_zero_when_off():
     assert cond.auxiliary_classifier_loss(torch.zeros(8, 10), labels).item() == pytest.approx(math.log(10))
     assert cond.auxiliary_classifier_loss(None, labels).item() == 0.0
     loss.backward()
-    assert critic.classifier.weight.grad.abs().sum() > 0 and critic.net[0].weight.grad.abs().sum() > 0  # it trains the features too
+    assert (
+        critic.classifier.weight.grad.abs().sum() > 0 and critic.net[0].weight.grad.abs().sum() > 0
+    )  # it trains the features too
 
 
 def test_augmentation_flips_about_half_and_rotates_around_the_centre():
@@ -101,69 +106,63 @@ def test_augmentation_flips_about_half_and_rotates_around_the_centre():
     flipped = cond.augment(x, True, 0.0)
     same, mirrored = (flipped == x).flatten(1).all(1), (flipped == x.flip(3)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and abs(mirrored.float().mean().item() - 0.5) < 0.05
-    disc = ((torch.arange(16)[:, None] - 7.5) ** 2 + (torch.arange(16)[None] - 7.5) ** 2 < 36).float()[None, None] * 2 - 1
+    disc = ((torch.arange(16)[:, None] - 7.5) ** 2 + (torch.arange(16)[None] - 7.5) ** 2 < 36).float()[
+        None, None
+    ] * 2 - 1
     rotated = cond.augment(disc.repeat(4, 1, 1, 1), False, 30.0)
     assert rotated.shape == (4, 1, 16, 16)
-    assert (rotated - disc).abs().mean() < 0.1  # a centred disc is nearly rotation-invariant: the rotation is about the centre
+    # A centred disc is nearly rotation-invariant: 0.07-0.12 for angles up to 30 degrees about the centre, where the
+    # same rotation about a corner gives 0.85.
+    assert (rotated - disc).abs().mean() < 0.2
     bar = -torch.ones(4, 1, 16, 16)
     bar[:, :, 7:9, :] = 1
     assert (cond.augment(bar, False, 30.0) - bar).abs().mean() > 0.05  # a horizontal bar is not
 
 
 def test_every_class_can_be_generated_into_its_folder(trained, tmp_path):
-    checkpoint = trained("cond_wgan_gp") / "checkpoint.pt"
+    checkpoint = copy_run(trained("cond_wgan_gp"), tmp_path / "all")
     assert load_checkpoint(checkpoint)["classes"][0] == "T-shirt/top"
-    result = run("cond_wgan_gp", "--generate", str(checkpoint), "--num-images", "25", "--out-dir", str(tmp_path / "fakes"), cwd=tmp_path)
+    result = run("cond_wgan_gp", "--generate", str(checkpoint), "--num-images", "25", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    counts = {p.name: len(list(p.glob("*.png"))) for p in (tmp_path / "fakes").iterdir()}
-    assert counts == {name: 3 if k < 5 else 2 for k, name in enumerate(FASHION)}  # 25 images, class of image i is i mod 10
-    assert sorted(p.name for p in (tmp_path / "fakes/Trouser").iterdir()) == ["000001.png", "000011.png", "000021.png"]
-    with Image.open(tmp_path / "fakes_grid.png") as grid:
+    counts = {p.name: len(list(p.glob("*.png"))) for p in (tmp_path / "all/generated").iterdir()}
+    assert counts == {name: 3 if k < 5 else 2 for k, name in enumerate(FASHION)}  # 25 images, image i of class i % 10
+    assert sorted(p.name for p in (tmp_path / "all/generated/Trouser").iterdir()) == [
+        "000001.png",
+        "000011.png",
+        "000021.png",
+    ]
+    with Image.open(tmp_path / "all/generated_grid.png") as grid:
         assert grid.size == (8 * 34 + 2, 10 * 34 + 2)  # one row per class, 8 columns
-    one = run("cond_wgan_gp", "--generate", str(checkpoint), "--num-images", "4", "--label", "8", "--out-dir", str(tmp_path / "bags"), cwd=tmp_path)
+    # The folder names match the class names as benchmarks/quality.py compares them ("T-shirt/top": T-shirt_top).
+    normalized = lambda name: re.sub(r"[^a-z0-9]", "", name.lower())  # noqa: E731
+    assert [normalized(name) for name in FASHION] == [
+        normalized(name) for name in load_checkpoint(checkpoint)["classes"]
+    ]
+    checkpoint = copy_run(trained("cond_wgan_gp"), tmp_path / "bags")
+    one = run("cond_wgan_gp", "--generate", str(checkpoint), "--num-images", "4", "--label", "8", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert [p.name for p in (tmp_path / "bags").iterdir()] == ["Bag"]
-    assert sorted(p.name for p in (tmp_path / "bags/Bag").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert [p.name for p in (tmp_path / "bags/generated").iterdir()] == ["Bag"]
+    assert sorted(p.name for p in (tmp_path / "bags/generated/Bag").iterdir()) == [f"{i:06d}.png" for i in range(4)]
 
 
-def test_folder_names_are_filesystem_safe_and_match_the_benchmark():
-    assert cond.folder_name("T-shirt/top") == "T-shirt_top"
-    assert cond.folder_name("Male=1,Smiling=0") == "Male=1,Smiling=0"
-    assert cond.folder_name("a: b?") == "a_b_"
-    normalized = lambda name: re.sub(r"[^a-z0-9]", "", name.lower())  # benchmarks/quality.py's matching
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # load_dataset's
-    assert [cond.folder_name(name) for name in classes] == FASHION
-    assert [normalized(name) for name in FASHION] == [normalized(name) for name in classes]
-
-
-@pytest.mark.parametrize("cached", [False, True])
-def test_celeba_attributes_become_two_to_the_k_classes(tmp_path, cached):
+def test_celeba_attributes_become_two_to_the_k_classes(tmp_path):
     male, smiling = CELEBA_ATTRIBUTES.index("Male"), CELEBA_ATTRIBUTES.index("Smiling")
     wanted = [(1, -1), (-1, -1), (1, 1), (-1, 1), (1, -1)]  # (Male, Smiling) of images 1-5
-    write_celeba(tmp_path, 5, attributes=lambda i: [wanted[i][0] if k == male else wanted[i][1] if k == smiling else -1 for k in range(40)])
-    cache = str(tmp_path / "celeba.pt") if cached else None  # decoded images in memory keep their labels
-    args = cond.Args(dataset="celeba", data_dir=str(tmp_path), batch_size=2, celeba_attrs=("Male", "Smiling"), image_cache=cache, num_workers=0)
+    write_celeba(
+        tmp_path, 5, lambda i: [wanted[i][0] if k == male else wanted[i][1] if k == smiling else -1 for k in range(40)]
+    )
+    args = cond.Args(dataset="celeba", data_dir=str(tmp_path), batch_size=2, celeba_attrs=("Male", "Smiling"))
     cond.check_args(args)
-    data = cond.class_labels(cond.load_dataset(args), args)
-    assert data.classes == ["Male=0,Smiling=0", "Male=0,Smiling=1", "Male=1,Smiling=0", "Male=1,Smiling=1"]
-    assert data.labels.tolist() == [2, 0, 3, 1, 2]
-    assert len(data.files) == 5 and (data.images is None) != cached
-
-
-def test_folder_subfolders_are_the_classes(tmp_path):
-    for k, name in enumerate(["cat", "dog", "wild"]):
-        (tmp_path / name).mkdir()
-        for i in range(k + 1):
-            Image.new("RGB", (20, 20), color=(40 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
-    args = cond.Args(dataset="folder", data_dir=str(tmp_path), batch_size=2)
-    cond.check_args(args)
-    data = cond.class_labels(cond.load_dataset(args), args)
-    assert data.classes == ["cat", "dog", "wild"] and sorted(data.labels.tolist()) == [0, 1, 1, 2, 2, 2]
+    files = cond.load_dataset(args)[3]
+    labels, classes = cond.celeba_classes(files, args.celeba_attrs, tmp_path / "celeba" / "list_attr_celeba.txt")
+    assert classes == ["Male=0,Smiling=0", "Male=0,Smiling=1", "Male=1,Smiling=0", "Male=1,Smiling=1"]
+    assert labels.tolist() == [2, 0, 3, 1, 2]
 
 
 def test_run_with_concat_critic_ac_loss_and_augmentation_resumes_with_them(tmp_path):
     options = ["--critic-cond", "concat", "--lambda-ac", "0.5", "--augment-flip", "--augment-rotate", "10"]
-    first = run("cond_wgan_gp", *tiny("cond_wgan_gp"), *options, "--total-steps", "2", "--log-every", "1", "--run-name", "all", cwd=tmp_path)
+    flags = [*tiny("cond_wgan_gp"), *options, "--total-steps", "2", "--log-every", "1", "--run-name", "all"]
+    first = run("cond_wgan_gp", *flags, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = run("cond_wgan_gp", "--resume", "runs/all/checkpoint.pt", "--total-steps", "3", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -177,18 +176,13 @@ def test_run_with_concat_critic_ac_loss_and_augmentation_resumes_with_them(tmp_p
         assert len(values) == 3 and all(math.isfinite(v) for v in values), (tag, values)
 
 
-def expect_error(result, pattern: str) -> None:
-    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = last_line(result.stderr)
-    assert line.startswith("error: ") and re.search(pattern, line), line
-
-
 def test_label_outside_the_classes_is_refused(trained, tmp_path):
-    checkpoint = trained("cond_wgan_gp") / "checkpoint.pt"
-    result = run("cond_wgan_gp", "--generate", str(checkpoint), "--label", "10", "--out-dir", "fakes", cwd=tmp_path)
-    expect_error(result, r"--label 10 is not a class of .*checkpoint\.pt: its 10 classes are 0 T-shirt/top, 1 Trouser, .*, 9 Ankle boot$")
-    assert not (tmp_path / "fakes").exists()
+    checkpoint = copy_run(trained("cond_wgan_gp"), tmp_path / "run")
+    result = run("cond_wgan_gp", "--generate", str(checkpoint), "--label", "10", cwd=tmp_path)
+    expect_error(
+        result, r"--label 10 is not a class of .*checkpoint\.pt: \[\(0, 'T-shirt/top'\), .*\(9, 'Ankle boot'\)\]$"
+    )
+    assert not (tmp_path / "run" / "generated").exists()
 
 
 def test_folder_without_class_subfolders_is_refused(tmp_path):
@@ -196,14 +190,19 @@ def test_folder_without_class_subfolders_is_refused(tmp_path):
     for i in range(8):
         Image.new("RGB", (20, 20)).save(tmp_path / "flat" / f"{i}.png")
     result = run("cond_wgan_gp", *tiny("cond_wgan_gp"), "--dataset", "folder", "--data-dir", "flat", cwd=tmp_path)
-    expect_error(result, r"^error: 8 of 8 images have no class: put every image in a subfolder of --data-dir named after its class")
+    expect_error(result, r"^error: 8 of 8 images are in no class subfolder \(such as cat/, dog/\)$")
     assert not (tmp_path / "runs").exists()
 
 
 def test_celeba_attribute_that_does_not_exist_is_refused(tmp_path):
     write_celeba(tmp_path / "data", 8)
-    result = run("cond_wgan_gp", *tiny("cond_wgan_gp"), "--dataset", "celeba", "--data-dir", "data", "--celeba-attrs", "Male", "Smilling", cwd=tmp_path)
-    expect_error(result, r"^error: --celeba-attrs: Smilling not in data/celeba/list_attr_celeba\.txt \(its attributes: 5_o_Clock_Shadow .* Young\)$")
+    flags = [*tiny("cond_wgan_gp"), "--dataset", "celeba", "--data-dir", "data", "--celeba-attrs", "Male", "Smilling"]
+    result = run("cond_wgan_gp", *flags, cwd=tmp_path)
+    pattern = (
+        r"^error: --celeba-attrs: Smilling not in data/celeba/list_attr_celeba\.txt "
+        r"\(its attributes: 5_o_Clock_Shadow .* Young\)$"
+    )
+    expect_error(result, pattern)
     assert not (tmp_path / "runs").exists()
 
 
@@ -212,37 +211,51 @@ def test_checkpoint_with_another_class_count_is_refused(trained, tmp_path):
         (tmp_path / "afhq" / name).mkdir(parents=True)
         for i in range(4):
             Image.new("L", (20, 20), color=60 * k).save(tmp_path / "afhq" / name / f"{i}.png")
-    checkpoint = trained("cond_wgan_gp") / "checkpoint.pt"
-    result = run("cond_wgan_gp", "--resume", str(checkpoint), "--dataset", "folder", "--data-dir", "afhq", "--total-steps", "5", cwd=tmp_path)
-    expect_error(result, r"checkpoint\.pt was trained on 10 classes, the data has 3: resume on the same classes$")
+    checkpoint = copy_run(trained("cond_wgan_gp"), tmp_path / "run")
+    flags = ["--resume", str(checkpoint), "--dataset", "folder", "--data-dir", "afhq", "--total-steps", "5"]
+    expect_error(
+        run("cond_wgan_gp", *flags, cwd=tmp_path), r"checkpoint\.pt was trained on 10 classes, the data has 3$"
+    )
     assert load_checkpoint(checkpoint)["step"] == 4
 
 
+ATTRS = r"^error: --dataset celeba takes --celeba-attrs: 1 to 8 different attributes, e.g. Male Smiling; got "
 BAD_OPTIONS = {
-    "celeba without attributes": (["--dataset", "celeba", "--data-dir", "data"], r"^error: --dataset celeba needs --celeba-attrs \(e\.g\. --celeba-attrs Male Smiling\)"),
-    "attributes without celeba": (["--celeba-attrs", "Male"], r"^error: --celeba-attrs needs --dataset celeba, got --dataset fashion-mnist$"),
-    "repeated attribute": (["--dataset", "celeba", "--celeba-attrs", "Male", "Male"], r"^error: --celeba-attrs takes 1 to 8 different attributes \(2 to 256 classes\), got Male Male$"),
-    "negative lambda-ac": (["--lambda-ac", "-1"], r"^error: --lambda-ac must be >= 0, got -1.0$"),
-    "rotation over 180": (["--augment-rotate", "200"], r"^error: --augment-rotate must be in \[0, 180\] degrees, got 200.0$"),
+    "celeba without attributes": (["--dataset", "celeba", "--data-dir", "data"], ATTRS + r"\(\)$"),
+    "attributes without celeba": (["--celeba-attrs", "Male"], ATTRS + r"\('Male',\)$"),
+    "repeated attribute": (["--dataset", "celeba", "--celeba-attrs", "Male", "Male"], ATTRS + r"\('Male', 'Male'\)$"),
+    "negative lambda-ac": (["--lambda-ac", "-1"], r"^error: --lambda-ac must be >= 0 and finite, got -1.0$"),
+    "rotation over 180": (
+        ["--augment-rotate", "200"],
+        r"^error: --augment-rotate must be in \[0, 180\] degrees, got 200.0$",
+    ),
     "embedding of 0": (["--embed-dim", "0"], r"^error: --embed-dim must be >= 1, got 0$"),
-    "celeba attributes file missing": (["--dataset", "celeba", "--data-dir", "noattrs", "--celeba-attrs", "Male"], r"^error: CelebA attributes not found: expected noattrs/celeba/list_attr_celeba\.txt"),
-    "image without attributes": (["--dataset", "celeba", "--data-dir", "short", "--celeba-attrs", "Male"], r"^error: short/celeba/img_align_celeba/000003\.jpg has no line in short/celeba/list_attr_celeba\.txt \(nor have 1 other images\)$"),
+    "celeba attributes file missing": (
+        ["--dataset", "celeba", "--data-dir", "noattrs", "--celeba-attrs", "Male"],
+        r"^error: CelebA attributes not found: expected noattrs/celeba/list_attr_celeba\.txt",
+    ),
+    "image without attributes": (
+        ["--dataset", "celeba", "--data-dir", "short", "--celeba-attrs", "Male"],
+        r"^error: 000003\.jpg has no line of 40 values in short/celeba/list_attr_celeba\.txt \(2 images lack one\)$",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_OPTIONS))
 def test_bad_option_is_refused_with_one_line(case, tmp_path, monkeypatch):
+    """In-process, the checks that the main block runs before it writes anything, in its order."""
     write_celeba(tmp_path / "data", 4)
     write_celeba(tmp_path / "noattrs", 4)
     (tmp_path / "noattrs/celeba/list_attr_celeba.txt").unlink()
     write_celeba(tmp_path / "short", 4)
     attr_file = tmp_path / "short/celeba/list_attr_celeba.txt"
-    attr_file.write_text("\n".join(attr_file.read_text().splitlines()[:4]) + "\n")  # the count, the names, images 1 and 2
+    attr_file.write_text("\n".join(attr_file.read_text().splitlines()[:4]) + "\n")  # the count, the names, images 1, 2
     monkeypatch.chdir(tmp_path)
     flags, pattern = BAD_OPTIONS[case]
     with pytest.raises(SystemExit) as stop:
         args = tyro.cli(cond.Args, args=["--batch-size", "2", *flags])
         cond.check_args(args)
-        cond.class_labels(cond.load_dataset(args), args)
+        files = cond.load_dataset(args)[3]
+        cond.celeba_classes(files, args.celeba_attrs, files[0].parents[1] / "list_attr_celeba.txt")
     message = str(stop.value.code)
     assert "\n" not in message and re.search(pattern, message), message

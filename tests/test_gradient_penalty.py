@@ -36,7 +36,7 @@ def images(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("script", GP_SCRIPTS)
 def test_negative_lambda_is_refused(script):
     module = load(script)
-    with pytest.raises(SystemExit, match=r"^error: --lambda-gp must be >= 0, got -1.0$"):
+    with pytest.raises(SystemExit, match=r"^error: --lambda-gp must be >= 0 and finite, got -1.0$"):
         module.check_args(module.Args(lambda_gp=-1.0))
 
 
@@ -87,13 +87,14 @@ def test_zero_gradient_gives_one_and_no_nan(script):
 def test_penalty_gradient_reaches_every_critic_parameter(script):
     torch.manual_seed(0)
     module = load(script)
-    critic = build_critic(script, 3, 32, 8, "layer")
+    critic = build_critic(script, 3, 32, 8)
     gp = module.gradient_penalty(critic, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     gp.backward()
-    # A bias with only piecewise-linear layers after it (the last conv's, the last norm's) leaves the
-    # input gradient unchanged, so only the weights of convolutions and linear layers must all receive a non-zero gradient.
+    # A bias with only piecewise-linear layers after it (the last conv's, the last norm's) leaves the input
+    # gradient unchanged, so only the weights of convolutions and linear layers must all receive a non-zero gradient.
     weights = [(name, p) for name, p in critic.named_parameters() if p.dim() >= 2]
-    # wgan_gp: 4 convs; cond_wgan_gp: 4 convs and the projection embedding; resnet: stem, 3 blocks of 2 convs, 2 shortcuts, the linear score
+    # wgan_gp: 4 convs; cond_wgan_gp: 4 convs and the projection embedding;
+    # resnet: stem, 3 blocks of 2 convs, 2 shortcuts, the linear score
     assert len(weights) == {"wgan_gp": 4, "cond_wgan_gp": 5, "resnet_sn_wgan_gp": 10}[script]
     for name, p in weights:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
@@ -104,19 +105,22 @@ def test_loss_scale_cancels_out(script):
     # The fp16 recipe scales the scores and divides the gradient back: in fp32 the result is unchanged.
     torch.manual_seed(0)
     module = load(script)
-    critic = build_critic(script, 1, 32, 8, "layer").eval()  # eval: a spectral norm's power iteration would move sigma between the calls
+    critic = build_critic(
+        script, 1, 32, 8
+    ).eval()  # eval: a spectral norm's power iteration would move sigma in between
     real, fake, eps = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32), torch.rand(4, 1, 1, 1)
     plain = module.gradient_penalty(critic, real, fake, eps=eps)
     scaled = module.gradient_penalty(critic, real, fake, eps=eps, scale=65536.0)
     torch.testing.assert_close(plain, scaled, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("script", GP_SCRIPTS)
-@pytest.mark.parametrize("norm", ["none", "layer", "instance"])
+@pytest.mark.parametrize(
+    "script, norm", [(s, "layer") for s in GP_SCRIPTS] + [("resnet_sn_wgan_gp", n) for n in ("none", "layer")]
+)
 def test_critic_scores_each_sample_on_its_own(script, norm):
     # Real and fake share one forward pass in training; that is exact only without batch coupling.
     torch.manual_seed(0)
-    critic = build_critic(script, 3, 32, 8, norm).eval()  # eval: a spectral norm's power iteration would move sigma between the calls
+    critic = build_critic(script, 3, 32, 8, norm).eval()  # eval: a spectral norm's power iteration would move sigma
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules())
     a, b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(critic(torch.cat([a, b])), torch.cat([critic(a), critic(b)]), rtol=1e-5, atol=1e-5)
@@ -131,9 +135,13 @@ def test_lazy_penalty_runs_on_every_kth_critic_step_weighted_by_k(script, tmp_pa
 
     def logged_penalties(*flags: str) -> list:
         name = "gp" + "".join(flags).replace("-", "")
-        result = run(script, *tiny(script), "--n-critic", "1", "--log-every", "1", *flags, "--run-name", name, cwd=tmp_path)
+        result = run(
+            script, *tiny(script), "--n-critic", "1", "--log-every", "1", *flags, "--run-name", name, cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        return [e.value for e in EventAccumulator(str(tmp_path / "runs" / name)).Reload().Scalars("losses/gradient_penalty")]
+        return [
+            e.value for e in EventAccumulator(str(tmp_path / "runs" / name)).Reload().Scalars("losses/gradient_penalty")
+        ]
 
     (paper,) = logged_penalties("--total-steps", "1")
     lazy = logged_penalties("--total-steps", "2", "--gp-every", "2")

@@ -7,7 +7,9 @@ from conftest import ROOT, SCRIPTS
 
 
 def test_ci_runs_the_readme_test_command_word_for_word():
-    ci_command = [line for line in (ROOT / ".ci/run").read_text().splitlines() if "pytest" in line and not line.startswith("#")]
+    ci_command = [
+        line for line in (ROOT / ".ci/run").read_text().splitlines() if "pytest" in line and not line.startswith("#")
+    ]
     assert len(ci_command) == 1
     assert f"```bash\n{ci_command[0]}\n```" in (ROOT / "README.md").read_text()
 
@@ -19,3 +21,9 @@ def test_every_logged_scalar_is_explained_in_the_readme(script):
     readme = (ROOT / "README.md").read_text()
     for key in logged:
         assert f"| `{key}` |" in readme, key
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_line_counts_in_the_readme_are_the_scripts(script):
+    lines = len((ROOT / f"{script}.py").read_text().splitlines())
+    assert f"| [`{script}.py`]({script}.py) | {lines} |" in (ROOT / "README.md").read_text()
