@@ -1,12 +1,13 @@
 """A small CNN that classifies Fashion-MNIST at 32x32: the yardstick of benchmarks/quality.py.
 
-    python benchmarks/classifier.py      # trains it (a few minutes on 2 CPU cores), writes classifier.pt and results/classifier.md
+    python benchmarks/classifier.py      # trains it (a few minutes on 2 CPU cores),
+                                         # writes classifier.pt and results/classifier.md
 
 Inception features, the usual FID yardstick, were learned on ImageNet photos and need a download;
 this network is trained on the very data the GANs learn, ships with the repository (about 1 MB)
 and runs offline. Its penultimate 128-d features are what the Frechet distance compares; its
 predicted classes show which kinds of clothing a generator covers. It sees images exactly as the
-GAN scripts do: wgan_gp.load_dataset's 32x32 uint8 tensor mapped to [-1, 1].
+GAN scripts do: wgan_gp.load_dataset's 32x32 uint8 tensor mapped to [-1, 1] (the test set resized the same way).
 """
 
 import datetime
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +56,9 @@ class Classifier(nn.Module):
             return [nn.Conv2d(c_in, c_out, kernel, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
         self.body = nn.Sequential(
-            *block(1, 32, kernel=4, stride=2),  # (B, 32, 16, 16): strided, since full-resolution maps dominate the CPU time
+            *block(
+                1, 32, kernel=4, stride=2
+            ),  # (B, 32, 16, 16): strided, since full-resolution maps dominate the CPU time
             *block(32, 64),
             nn.MaxPool2d(2),  # (B, 64, 8, 8)
             *block(64, 128),
@@ -81,23 +86,24 @@ def load_train_set() -> tuple:
     """The 60,000 training images (N, 1, 32, 32) in [-1, 1] and their labels, through wgan_gp's own loader."""
     args = wgan_gp.Args()
     wgan_gp.check_args(args)
-    data = wgan_gp.load_dataset(args)
-    return to_float(data.images), data.labels
+    images, labels, _, _ = wgan_gp.load_dataset(args)  # also extracts the shipped archives, test set included
+    return to_float(images), labels
 
 
 def load_test_set() -> tuple:
-    """The 10,000 test images (N, 1, 32, 32) in [-1, 1] and their labels, resized as wgan_gp resizes the training set."""
-    folder = ROOT / "data" / "fashion-mnist"
-    paths = [folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"]
-    for path in paths:
-        if not path.is_file():
-            wgan_gp.fail(f"the Fashion-MNIST test set is missing: {path} does not exist")
-    images = wgan_gp.resize_images(wgan_gp.read_idx(paths[0])[:, None], 32)  # (10000, 1, 32, 32) uint8
-    return to_float(images), wgan_gp.read_idx(paths[1]).long()
+    """The 10,000 test images (N, 1, 32, 32) in [-1, 1] and their labels, resized as load_dataset resizes the
+    training set (torchvision's uint8 antialiased resize)."""
+    load_train_set()
+    test = torchvision.datasets.FashionMNIST(str(ROOT / "data"), train=False)
+    images = TF.resize(test.data[:, None], [32, 32], antialias=True)  # (10000, 1, 32, 32) uint8
+    return to_float(images), test.targets
 
 
 def load_classifier(path: Path = WEIGHTS) -> Classifier:
-    """The trained classifier in eval mode (batch norm uses its running statistics, so results do not depend on batching)."""
+    """The trained classifier in eval mode.
+
+    Batch norm uses its running statistics, so results do not depend on batching.
+    """
     if not Path(path).is_file():
         wgan_gp.fail(f"{path} is missing: train the classifier first with python benchmarks/classifier.py")
     model = Classifier()
@@ -133,7 +139,9 @@ def pin_to_cpus(cpus: list) -> None:
     The benchmarks use it to measure on one core while the other core does other work."""
     allowed = os.sched_getaffinity(0)
     if not set(cpus) <= allowed:
-        wgan_gp.fail(f"--cpus {' '.join(map(str, cpus))}: this process may only use cores {' '.join(map(str, sorted(allowed)))}")
+        wgan_gp.fail(
+            f"--cpus {' '.join(map(str, cpus))}: this process may only use cores {' '.join(map(str, sorted(allowed)))}"
+        )
     os.sched_setaffinity(0, cpus)
     os.environ["OMP_NUM_THREADS"] = str(len(cpus))  # inherited by the training processes
     torch.set_num_threads(len(cpus))
@@ -142,7 +150,9 @@ def pin_to_cpus(cpus: list) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
-        wgan_gp.fail(f"--epochs and --batch-size must be >= 1 and --lr > 0, got {args.epochs}, {args.batch_size}, {args.lr}")
+        wgan_gp.fail(
+            f"--epochs and --batch-size must be >= 1 and --lr > 0, got {args.epochs}, {args.batch_size}, {args.lr}"
+        )
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     train_images, train_labels = load_train_set()
@@ -168,7 +178,11 @@ if __name__ == "__main__":
             schedule.step()
         model.eval()
         test_accuracy = accuracy(model, test_images, test_labels)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, test accuracy {test_accuracy:.4f}, {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, test accuracy {test_accuracy:.4f}, "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
     seconds = time.perf_counter() - start
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -178,8 +192,9 @@ if __name__ == "__main__":
         "# Fashion-MNIST classifier (the yardstick of quality.md)",
         "",
         f"- Test accuracy: **{100 * test_accuracy:.2f}%** on the 10,000 test images",
-        f"- Training: {args.epochs} epochs of the 60,000 training images, batch {args.batch_size}, Adam with a one-cycle "
-        f"learning rate (peak {args.lr}), random horizontal flips, seed {args.seed}; {n_params:,} parameters, "
+        f"- Training: {args.epochs} epochs of the 60,000 training images, batch {args.batch_size}, "
+        f"Adam with a one-cycle learning rate (peak {args.lr}), random horizontal flips, seed {args.seed}; "
+        f"{n_params:,} parameters, "
         f"{Path(args.out).stat().st_size / 1e6:.1f} MB",
         f"- Wall time: {seconds / 60:.1f} min (data loading included)",
         f"- Machine: {machine()}, {torch.get_num_threads()} threads",

@@ -38,17 +38,17 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    config = wgan_gp.Args(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, channels=args.channels, batch_size=1)
+    config = wgan_gp.Args(
+        dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, channels=args.channels, batch_size=1
+    )
     wgan_gp.check_args(config)
-    data = wgan_gp.load_dataset(config)
-    n = len(data.labels)
+    images = wgan_gp.load_dataset(config)[0]  # (N, C, S, S) uint8, every image decoded once
+    n = len(images)
     if args.num_images < 1 or args.num_images > n:
         raise SystemExit(f"error: --num-images must be from 1 to {n} (the dataset's size), got {args.num_images}")
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[: args.num_images]
-    decode = wgan_gp.ImageFiles(data.files, data.labels, config.image_size, config.channels) if data.images is None else None
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, i in enumerate(chosen.tolist()):
-        pixels = data.images[i] if decode is None else decode[i][0]
-        wgan_gp.save_png(pixels, out_dir / f"{k:06d}.png")
+        wgan_gp.save_png(images[i : i + 1].float() / 127.5 - 1, out_dir / f"{k:06d}.png")  # save_png maps back to uint8
     print(f"wrote {args.num_images} real images of {args.dataset} at {config.image_size} px to {out_dir}")

@@ -45,11 +45,23 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from wgan_gp import fail  # noqa: E402  (one line on stderr and exit code 1, as the scripts do)
 from classifier import Classifier, load_classifier, load_test_set, load_train_set, machine, pin_to_cpus  # noqa: E402
 
+from wgan_gp import fail  # noqa: E402  (one line on stderr and exit code 1, as the scripts do)
+
 SCRIPTS = ["dcgan", "wgan_gp", "cond_wgan_gp", "resnet_sn_wgan_gp"]
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # wgan_gp.load_dataset's order
+CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]  # wgan_gp.load_dataset's order
 
 
 @dataclass
@@ -61,7 +73,7 @@ class Args:
     fixed_steps: int = 500
     """generator steps of the fixed-steps row and of the ablations (the default fits in 10 minutes on 2 CPU cores)"""
     budget_minutes: float = 10.0
-    """wall-clock budget of the budget row, counted from the first launch of the run (startup and data loading included)"""
+    """wall-clock budget of the budget row, from the first launch of the run (startup and data loading included)"""
     num_images: int = 10000
     """images generated per checkpoint"""
     ablations: List[str] = field(default_factory=list)
@@ -71,13 +83,13 @@ class Args:
     ablations_only: bool = False
     """train only the ablations; the defaults' rows measured before under the same settings stay in the table"""
     script_flags: str = ""
-    """extra flags appended to every training command, written with "=": --script-flags="--batch-size 8" (the smoke test passes tiny widths)"""
+    """extra flags for every training command, written with "=": --script-flags="--batch-size 8" (tests: tiny)"""
     results_dir: str = str(ROOT / "benchmarks" / "results")
     """where quality.json is merged into and quality.md is written"""
     assets_dir: str = str(ROOT / "assets")
     """where the first seed's sample grids are copied"""
     cpus: Optional[List[int]] = None
-    """run everything on these CPU cores only, one thread per core (e.g. --cpus 0 leaves the other core to other work); default all"""
+    """run everything on these CPU cores only, one thread per core (--cpus 0: the other core stays free); default all"""
     work_dir: Optional[str] = None
     """keep the runs and generated PNGs in this new folder; default a temporary folder, deleted at the end"""
 
@@ -113,7 +125,10 @@ def check_args(args: Args) -> list:
     if args.ablations_only and not ablations:
         fail("--ablations-only needs --ablations")
     if ablations and not set(args.scripts) & set(args.ablation_scripts):
-        fail(f"the ablations run for --ablation-scripts {' '.join(args.ablation_scripts)}, and none of them is in --scripts")
+        fail(
+            f"the ablations run for --ablation-scripts {' '.join(args.ablation_scripts)}, "
+            "and none of them is in --scripts"
+        )
     return ablations
 
 
@@ -154,7 +169,10 @@ def coverage_kl(predictions: torch.Tensor, num_classes: int = len(CLASSES)) -> f
 
 @torch.no_grad()
 def classify(model: Classifier, images: torch.Tensor) -> tuple:
-    """Penultimate features (N, D) and predicted classes (N,) of images in [-1, 1], in batches that keep memory small."""
+    """Penultimate features (N, D) and predicted classes (N,) of images in [-1, 1].
+
+    Computed in batches that keep memory small.
+    """
     features = torch.cat([model.features(batch) for batch in images.split(500)])
     return features, model.head(features).argmax(1)
 
@@ -196,7 +214,11 @@ def evaluate(model: Classifier, folder: Path, reference: tuple) -> dict:
     """FD against the reference fit (mu, cov), coverage KL, and conditional accuracy where classes were requested."""
     images, requested = read_generated(folder)
     features, predictions = classify(model, images)
-    result = {"fd": frechet_distance(*gaussian_fit(features), *reference), "kl": coverage_kl(predictions), "cond_acc": None}
+    result = {
+        "fd": frechet_distance(*gaussian_fit(features), *reference),
+        "kl": coverage_kl(predictions),
+        "cond_acc": None,
+    }
     if requested is not None:
         result["cond_acc"] = (predictions == requested).double().mean().item()
     return result
@@ -235,8 +257,8 @@ def run_to_end(command: list, log: Path) -> float:
 def train(script: str, seed: int, flags: list, run_dir: Path, args: Args) -> float:
     """Train a fresh run for args.fixed_steps generator steps; return its wall time in seconds (startup included)."""
     command = script_command(
-        script, "--seed", str(seed), "--total-steps", str(args.fixed_steps), "--runs-dir", str(run_dir.parent), "--run-name", run_dir.name,
-        "--sample-every", "100000", "--save-every", "100000", *shlex.split(args.script_flags), *flags,
+        script, "--seed", str(seed), "--total-steps", str(args.fixed_steps), "--run-name", str(run_dir),
+        "--sample-every", "100000", *shlex.split(args.script_flags), *flags,
     )  # fmt: skip
     return run_to_end(command, run_dir.parent / f"{run_dir.name}.log")
 
@@ -244,7 +266,9 @@ def train(script: str, seed: int, flags: list, run_dir: Path, args: Args) -> flo
 def continue_until(script: str, run_dir: Path, seconds: float) -> int:
     """Resume a run, stop it with SIGTERM after `seconds`, return the generator step its checkpoint reached."""
     log = run_dir.parent / f"{run_dir.name}.log"
-    process = launch(script_command(script, "--resume", str(run_dir / "checkpoint.pt"), "--total-steps", "1000000000"), log)
+    process = launch(
+        script_command(script, "--resume", str(run_dir / "checkpoint.pt"), "--total-steps", "1000000000"), log
+    )
     try:
         process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -255,11 +279,11 @@ def continue_until(script: str, run_dir: Path, seconds: float) -> int:
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
 
 
-def generate(script: str, checkpoint: Path, out_dir: Path, num_images: int) -> Path:
-    """The script's own --generate; returns the folder of PNGs (its grid of the first 64 lies beside it)."""
-    command = script_command(script, "--generate", str(checkpoint), "--num-images", str(num_images), "--out-dir", str(out_dir), "--seed", "0")
-    run_to_end(command, out_dir.parent / f"{out_dir.name}.log")
-    return out_dir
+def generate(script: str, checkpoint: Path, num_images: int) -> Path:
+    """The script's own --generate, which writes <checkpoint folder>/generated (its fixed-noise grid beside it)."""
+    command = script_command(script, "--generate", str(checkpoint), "--num-images", str(num_images), "--seed", "0")
+    run_to_end(command, checkpoint.parent / "generate.log")
+    return checkpoint.parent / "generated"
 
 
 def measure_script(script: str, ablations: list, model: Classifier, reference: tuple, args: Args, work: Path) -> list:
@@ -268,21 +292,35 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
     budget = 60 * args.budget_minutes
     assets = Path(args.assets_dir)
 
-    def add_row(kind: str, label: str, flags: str, seed: int, checkpoint: Path, name: str, steps: int, wall: float, grid_to: Optional[Path] = None) -> None:
-        out_dir = generate(script, checkpoint, work / f"{name}-generated", args.num_images)
+    def add_row(
+        kind: str,
+        label: str,
+        flags: str,
+        seed: int,
+        checkpoint: Path,
+        steps: int,
+        wall: float,
+        grid_to: Optional[Path] = None,
+    ) -> None:
+        out_dir = generate(script, checkpoint, args.num_images)
         metrics = evaluate(model, out_dir, reference)
         if grid_to is not None:
             grid_to.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out_dir.parent / f"{out_dir.name}_grid.png", grid_to)
-        rows.append({"kind": kind, "label": label, "flags": flags, "seed": seed, "steps": steps, "wall_s": wall, **metrics})
-        print(f"[{script} seed {seed}] {label or kind}: FD {metrics['fd']:.2f}, coverage KL {metrics['kl']:.3f}, {steps} steps, {wall:.0f} s")
+            shutil.copyfile(out_dir.parent / "generated_grid.png", grid_to)
+        rows.append(
+            {"kind": kind, "label": label, "flags": flags, "seed": seed, "steps": steps, "wall_s": wall, **metrics}
+        )
+        print(
+            f"[{script} seed {seed}] {label or kind}: FD {metrics['fd']:.2f}, coverage KL {metrics['kl']:.3f}, "
+            f"{steps} steps, {wall:.0f} s"
+        )
 
     def run_ablations(seed: int) -> None:
         for j, (label, flags) in enumerate(ablations if script in args.ablation_scripts else []):
             print(f"[{script} seed {seed}] ablation {label!r}: training {args.fixed_steps} steps with {flags}")
             ablation_dir = work / f"{script}-seed{seed}-ablation{j}"
             wall = train(script, seed, shlex.split(flags), ablation_dir, args)
-            add_row("ablation", label, flags, seed, ablation_dir / "checkpoint.pt", ablation_dir.name, args.fixed_steps, wall)
+            add_row("ablation", label, flags, seed, ablation_dir / "checkpoint.pt", args.fixed_steps, wall)
 
     for seed in args.seeds:
         if args.ablations_only:
@@ -292,7 +330,8 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
         run_dir = work / f"{script}-seed{seed}"
         print(f"[{script} seed {seed}] training {args.fixed_steps} steps")
         wall = train(script, seed, [], run_dir, args)
-        fixed_checkpoint = work / f"{script}-seed{seed}-step{args.fixed_steps}.pt"
+        fixed_checkpoint = work / f"{script}-seed{seed}-step{args.fixed_steps}" / "checkpoint.pt"  # a folder each:
+        fixed_checkpoint.parent.mkdir()  # --generate writes beside its checkpoint
         shutil.copyfile(run_dir / "checkpoint.pt", fixed_checkpoint)  # the resumed run overwrites checkpoint.pt
         steps, budget_wall = args.fixed_steps, wall
         if wall < budget:
@@ -301,18 +340,23 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
             steps = continue_until(script, run_dir, budget - wall)
             budget_wall = wall + time.perf_counter() - resumed  # a little over the budget: the last step and the save
         else:
-            print(f"[{script} seed {seed}] {args.fixed_steps} steps took {wall:.0f} s, the whole budget: the budget row repeats them")
+            print(
+                f"[{script} seed {seed}] {args.fixed_steps} steps took {wall:.0f} s, "
+                "the whole budget: the budget row repeats them"
+            )
         fixed_grid = assets / f"{script}-fashion-mnist-{args.fixed_steps}steps.png" if first else None
         budget_grid = assets / f"{script}-fashion-mnist.png" if first else None
-        add_row("fixed", "", "", seed, fixed_checkpoint, fixed_checkpoint.stem, args.fixed_steps, wall, fixed_grid)
-        add_row("budget", "", "", seed, run_dir / "checkpoint.pt", run_dir.name, steps, budget_wall, budget_grid)
+        add_row("fixed", "", "", seed, fixed_checkpoint, args.fixed_steps, wall, fixed_grid)
+        add_row("budget", "", "", seed, run_dir / "checkpoint.pt", steps, budget_wall, budget_grid)
         checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         if checkpoint.get("ema") is not None:
             # The same weights without their moving average: --generate falls back to the raw generator.
-            raw_checkpoint = work / f"{script}-seed{seed}-raw.pt"
-            torch.save({**checkpoint, "ema": None}, raw_checkpoint)
+            raw_checkpoint = work / f"{script}-seed{seed}-raw" / "checkpoint.pt"
+            raw_checkpoint.parent.mkdir()
+            args_raw = {**checkpoint["args"], "ema_decay": 0.0}  # the run's settings without its moving average
+            torch.save({**checkpoint, "ema": None, "args": args_raw}, raw_checkpoint)
             raw_grid = assets / f"{script}-fashion-mnist-no-ema.png" if first else None
-            add_row("budget-raw", "", "", seed, raw_checkpoint, raw_checkpoint.stem, steps, budget_wall, raw_grid)
+            add_row("budget-raw", "", "", seed, raw_checkpoint, steps, budget_wall, raw_grid)
         run_ablations(seed)
     return rows
 
@@ -321,9 +365,10 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
 # Results: raw numbers in JSON, the table rebuilt from all of them
 # ---------------------------------------------------------------------------------------------
 def merge(stored: dict, script: str, entry: dict) -> None:
-    """Put one script's new rows into the stored results: a row replaces the stored row of the same kind, label and seed.
+    """Put one script's new rows into the stored results.
 
-    Rows measured under other settings (steps, budget, images, flags) are not comparable and are dropped.
+    A row replaces the stored row of the same kind, label and seed. Rows measured under other settings
+    (steps, budget, images, flags) are not comparable and are dropped.
     """
     old = stored["scripts"].get(script)
     if old and old["settings"] == entry["settings"]:
@@ -360,18 +405,19 @@ def write_markdown(stored: dict, path: Path) -> None:
         "Measured with `benchmarks/quality.py` against a Fashion-MNIST classifier trained in this repository "
         f"(`benchmarks/classifier.py`, {100 * stored['classifier_accuracy']:.2f}% test accuracy, see classifier.md).",
         "",
-        "- Protocol: per script and seed, train with the script's defaults for a fixed number of generator steps, then resume "
-        "the same run until the wall-clock budget (counted from the first launch, startup included) is spent and stop it with "
-        "SIGTERM; ablations change flags of the fixed-steps run. Wall time is that of the training processes, startup "
-        "included. Each checkpoint writes its images with the script's own `--generate --seed 0` (EMA weights where the run "
-        "kept them); the budget checkpoint is also sampled with its raw generator weights, which isolates what the moving "
-        "average adds to the same training.",
-        "- FD: Frechet distance between Gaussian fits of the classifier's 128-d penultimate features of the generated images "
-        "and of the 10,000 test images (lower is better). Coverage KL: KL(predicted-class histogram || uniform); 0 when every "
-        "class is drawn equally often, 2.30 when all images fall in one class. Conditional accuracy: how often the classifier "
-        "names the class that was asked for.",
-        f"- Real-vs-real floor: {floor['train_images']:,} training images (random subset, seed {floor['subset_seed']}) against "
-        f"the test images: FD {floor['fd']:.2f}, coverage KL {floor['kl']:.4f}.",
+        "- Protocol: per script and seed, train with the script's defaults for a fixed number of generator steps, "
+        "then resume the same run until the wall-clock budget (counted from the first launch, startup included) "
+        "is spent and stop it with SIGTERM; ablations change flags of the fixed-steps run. Wall time is that of "
+        "the training processes, startup included. Each checkpoint writes its images with the script's own "
+        "`--generate --seed 0` (EMA weights where the run kept them); the budget checkpoint is also sampled with "
+        "its raw generator weights, which isolates what the moving average adds to the same training.",
+        "- FD: Frechet distance between Gaussian fits of the classifier's 128-d penultimate features of the "
+        "generated images and of the 10,000 test images (lower is better). Coverage KL: "
+        "KL(predicted-class histogram || uniform); 0 when every class is drawn equally often, 2.30 when all images "
+        "fall in one class. Conditional accuracy: how often the classifier names the class that was asked for.",
+        f"- Real-vs-real floor: {floor['train_images']:,} training images "
+        f"(random subset, seed {floor['subset_seed']}) against the test images: "
+        f"FD {floor['fd']:.2f}, coverage KL {floor['kl']:.4f}.",
         "- Mean ± standard deviation over the seeds listed.",
         "- Runs:",
         *[f"  - `{command}`: {where}, torch {version}, {date}" for command, where, version, date in sorted(runs)],
@@ -384,7 +430,11 @@ def write_markdown(stored: dict, path: Path) -> None:
             f"## {script}.py",
             "",
             f"{settings['num_images']:,} generated images per checkpoint; every process ran on "
-            + (f"{settings['cpus']} CPU core{'s' if settings['cpus'] > 1 else ''} with as many threads" if "cpus" in settings else "all cores")
+            + (
+                f"{settings['cpus']} CPU core{'s' if settings['cpus'] > 1 else ''} with as many threads"
+                if "cpus" in settings
+                else "all cores"
+            )
             + (f"; extra flags `{settings['script_flags']}`" if settings["script_flags"] else "")
             + ".",
             "",
@@ -392,20 +442,29 @@ def write_markdown(stored: dict, path: Path) -> None:
             "|---|---:|---:|---:|---:|---:|---|",
         ]
         budget_title = f"{settings['budget_minutes']:g} min budget"
-        for kind, title in [("fixed", f"fixed {settings['fixed_steps']} steps"), ("budget", budget_title), ("budget-raw", f"{budget_title}, sampled without EMA")]:
+        for kind, title in [
+            ("fixed", f"fixed {settings['fixed_steps']} steps"),
+            ("budget", budget_title),
+            ("budget-raw", f"{budget_title}, sampled without EMA"),
+        ]:
             group = [r for r in rows if r["kind"] == kind]
             if not group:
                 continue
             c = cells(group)
-            accuracy = mean_std([100 * r["cond_acc"] for r in group], 1) + "%" if group[0]["cond_acc"] is not None else "—"
+            accuracy = (
+                mean_std([100 * r["cond_acc"] for r in group], 1) + "%" if group[0]["cond_acc"] is not None else "—"
+            )
             minutes = statistics.mean(r["wall_s"] for r in group) / 60
-            lines.append(f"| {title} | {c['fd']} | {c['kl']} | {accuracy} | {c['steps']} | {minutes:.1f} min | {c['seeds']} |")
+            lines.append(
+                f"| {title} | {c['fd']} | {c['kl']} | {accuracy} | {c['steps']} | {minutes:.1f} min | {c['seeds']} |"
+            )
         labels = list(dict.fromkeys(r["label"] for r in rows if r["kind"] == "ablation"))
         if labels and fixed:
             base, c = statistics.mean(r["fd"] for r in fixed), cells(fixed)
             lines += [
                 "",
-                f"Ablations, each trained for {settings['fixed_steps']} steps with the same seeds; ΔFD against the defaults' fixed-steps row.",
+                f"Ablations, each trained for {settings['fixed_steps']} steps with the same seeds; "
+                "ΔFD against the defaults' fixed-steps row.",
                 "",
                 "| ablation | flags | FD | ΔFD | coverage KL | generator steps | seeds |",
                 "|---|---|---:|---:|---:|---:|---|",
@@ -414,7 +473,10 @@ def write_markdown(stored: dict, path: Path) -> None:
             for label in labels:
                 group = [r for r in rows if r["kind"] == "ablation" and r["label"] == label]
                 c, delta = cells(group), statistics.mean(r["fd"] for r in group) - base
-                lines.append(f"| {label} | `{group[0]['flags']}` | {c['fd']} | {delta:+.2f} | {c['kl']} | {c['steps']} | {c['seeds']} |")
+                lines.append(
+                    f"| {label} | `{group[0]['flags']}` | {c['fd']} | {delta:+.2f} | {c['kl']} | {c['steps']} "
+                    f"| {c['seeds']} |"
+                )
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -442,7 +504,13 @@ if __name__ == "__main__":
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / "quality.json"
     accuracy = (test_predictions == test_labels).double().mean().item()
-    settings = {"fixed_steps": args.fixed_steps, "budget_minutes": args.budget_minutes, "num_images": args.num_images, "script_flags": args.script_flags, "cpus": len(args.cpus or os.sched_getaffinity(0))}
+    settings = {
+        "fixed_steps": args.fixed_steps,
+        "budget_minutes": args.budget_minutes,
+        "num_images": args.num_images,
+        "script_flags": args.script_flags,
+        "cpus": len(args.cpus or os.sched_getaffinity(0)),
+    }
     command = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
     with contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory() as work:
         work = Path(work)

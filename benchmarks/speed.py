@@ -1,6 +1,7 @@
 """Speed of the full training step (n_critic critic steps + one generator step), measured side by side.
 
     python benchmarks/speed.py                      # CPU, and CUDA too when a GPU is present
+    python benchmarks/speed.py --compare-dir ../old  # also the scripts of another checkout, row by row
 
 Each row is one configuration, timed in this run on this machine: first the step written the
 textbook way, then the same step with one lever added at a time, then the scripts themselves
@@ -25,12 +26,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+import torchvision
+import torchvision.transforms.v2.functional as TF
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import wgan_gp  # noqa: E402  (the models and data loaders under test)
 from classifier import cpu_description, pin_to_cpus  # noqa: E402
+
+import wgan_gp  # noqa: E402  (the models and data loaders under test)
 
 SCRIPTS = ["wgan_gp", "dcgan", "cond_wgan_gp", "resnet_sn_wgan_gp"]
 
@@ -42,7 +46,7 @@ class Args:
     shapes: List[str] = field(default_factory=lambda: ["32x1", "64x3"])
     """image size x channels of each measured setting"""
     script_shapes: Optional[List[str]] = None
-    """where the scripts' own loops are timed, as SHAPE or SHAPE=script,script (e.g. 32x1 64x3=wgan_gp,dcgan); default every shape and script"""
+    """where the scripts' loops are timed: SHAPE or SHAPE=script,script (32x1 64x3=wgan_gp,dcgan); default all"""
     cpus: Optional[List[int]] = None
     """run on these CPU cores only, one thread per core (e.g. --cpus 0); default all"""
     devices: Optional[List[str]] = None
@@ -61,6 +65,9 @@ class Args:
     """where speed-<device>.md is written"""
     script_flags: str = ""
     """extra flags for every script run (the smoke test passes tiny widths)"""
+    compare_dir: Optional[str] = None
+    """another checkout (e.g. a git worktree named after an older commit): its scripts' defaults are timed too, each
+    right after the same script of this checkout, labelled with the folder's name"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +88,9 @@ def pil_loader(images: torch.Tensor, size: int, channels: int, batch_size: int):
     from PIL import Image
 
     class PilImages(torch.utils.data.Dataset):
-        transform = T.Compose([T.Resize(size), T.Grayscale(channels), T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)])
+        transform = T.Compose(
+            [T.Resize(size), T.Grayscale(channels), T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)]
+        )
 
         def __len__(self):
             return len(images)
@@ -89,27 +98,35 @@ def pil_loader(images: torch.Tensor, size: int, channels: int, batch_size: int):
         def __getitem__(self, i):
             return self.transform(Image.fromarray(images[i, 0].numpy(), mode="L"))
 
-    loader = torch.utils.data.DataLoader(PilImages(), batch_size=batch_size, shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        PilImages(), batch_size=batch_size, shuffle=True, num_workers=2, drop_last=True, persistent_workers=True
+    )
     while True:
         yield from loader
 
 
-def textbook_step_fn(levers: Levers, size: int, channels: int, batch_size: int, width: int, device: torch.device, raw: torch.Tensor):
+def textbook_step_fn(
+    levers: Levers, size: int, channels: int, batch_size: int, width: int, device: torch.device, raw: torch.Tensor
+):
     """Build models, optimizers and data for one configuration; return a function that runs one full step."""
     torch.manual_seed(0)
     fmt = torch.channels_last if levers.channels_last else torch.contiguous_format
     generator = wgan_gp.Generator(128, channels, size, width).to(device, memory_format=fmt)
-    critic = wgan_gp.Critic(channels, size, width, "layer").to(device, memory_format=fmt)
+    critic = wgan_gp.Critic(channels, size, width).to(device, memory_format=fmt)
     generator_fwd = torch.compile(generator) if levers.compile else generator
     critic_fwd = torch.compile(critic) if levers.compile else critic
     opt_g = torch.optim.Adam(generator.parameters(), lr=1e-4, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.0, 0.9))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=levers.bf16)
     if levers.tensor_data:
-        images = wgan_gp.resize_images(wgan_gp.match_channels(raw, channels), size).to(device)
+        images = TF.resize(raw.expand(-1, channels, -1, -1), [size, size], antialias=True).to(device)  # as load_dataset
 
         def next_real():
-            return images[torch.randint(len(images), (batch_size,), device=device)].contiguous(memory_format=fmt).float() / 127.5 - 1
+            return (
+                images[torch.randint(len(images), (batch_size,), device=device)].contiguous(memory_format=fmt).float()
+                / 127.5
+                - 1
+            )
 
     else:
         batches = pil_loader(raw, size, channels, batch_size)
@@ -193,20 +210,35 @@ def peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[int]) ->
 # ---------------------------------------------------------------------------------------------
 # The scripts as users run them: their own images/s, logged every step.
 # ---------------------------------------------------------------------------------------------
-def script_seconds_per_step(script: str, flags: List[str], args: Args, size: int, channels: int, device: torch.device, run_dir: Path) -> tuple:
-    """Median seconds per generator step of a script's own loop, and its critic steps per generator step."""
+def script_seconds_per_step(
+    script: str,
+    flags: List[str],
+    args: Args,
+    size: int,
+    channels: int,
+    device: torch.device,
+    workdir: Path,
+    name: str,
+    root: Path = ROOT,
+) -> tuple:
+    """Median seconds per generator step of a script's own loop, and its critic steps per generator step. Only
+    flags that every version of the scripts takes: the run goes to <workdir>/runs/<name>."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     command = [
-        sys.executable, str(ROOT / f"{script}.py"), "--device", str(device), "--image-size", str(size), "--channels", str(channels),
-        "--batch-size", str(args.batch_size), "--total-steps", str(args.warmup + args.steps), "--log-every", "1",
-        "--sample-every", "1000000", "--save-every", "1000000", "--runs-dir", str(run_dir.parent), "--run-name", run_dir.name,
-        "--g-width", str(args.width), "--d-width", str(args.width), *args.script_flags.split(), *flags,
+        sys.executable, str(root / f"{script}.py"), "--device", str(device),
+        "--image-size", str(size), "--channels", str(channels), "--batch-size", str(args.batch_size),
+        "--total-steps", str(args.warmup + args.steps), "--log-every", "1", "--sample-every", "1000000",
+        "--run-name", name, "--g-width", str(args.width), "--d-width", str(args.width),
+        *args.script_flags.split(), *flags,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+    run_dir = workdir / "runs" / name
     if result.returncode != 0:
         raise SystemExit(f"error: {script}.py {' '.join(flags)} failed: {result.stderr.strip().splitlines()[-1]}")
-    n_critic = torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"].get("n_critic", 1)  # real batches per step
+    n_critic = torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"].get(
+        "n_critic", 1
+    )  # real batches per step
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     rates = [e.value for e in events.Scalars("charts/images_per_sec")][args.warmup :]
     return n_critic * args.batch_size / statistics.median(rates), n_critic
@@ -224,8 +256,6 @@ def script_levers(script: str, device: torch.device) -> List[tuple]:
             rows += [("EMA on (--ema-decay 0.999)", ["--ema-decay", "0.999"])]
     if script == "wgan_gp":
         rows += [("lazy penalty (--gp-every 4)", ["--gp-every", "4"])]
-        rows += [("critic norm none", ["--critic-norm", "none"]), ("critic norm instance", ["--critic-norm", "instance"])]
-        rows += [("widths 32", ["--g-width", "32", "--d-width", "32"])]
     if script == "cond_wgan_gp":
         rows += [("concat critic", ["--critic-cond", "concat"]), ("AC loss (--lambda-ac 1)", ["--lambda-ac", "1"])]
     if script == "resnet_sn_wgan_gp":
@@ -253,48 +283,88 @@ def measure(device: torch.device, size: int, channels: int, args: Args, raw: tor
     steps.append(("+ channels_last", Levers(tensor_data=True, one_forward=True, channels_last=True)))
     if device.type == "cuda":
         steps.append(("+ bf16 autocast", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True)))
-        steps.append(("+ torch.compile", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True, compile=True)))
+        steps.append(
+            ("+ torch.compile", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True, compile=True))
+        )
     rows = []
-    flops = count_flops(textbook_step_fn(Levers(tensor_data=True, one_forward=True), size, channels, args.batch_size, args.width, device, raw))
+    flops = count_flops(
+        textbook_step_fn(
+            Levers(tensor_data=True, one_forward=True), size, channels, args.batch_size, args.width, device, raw
+        )
+    )
     for label, levers in steps:
         print(f"[{device}] {size}x{channels} {label}", flush=True)
-        seconds = time_steps(textbook_step_fn(levers, size, channels, args.batch_size, args.width, device, raw), args.steps, args.warmup, device)
+        seconds = time_steps(
+            textbook_step_fn(levers, size, channels, args.batch_size, args.width, device, raw),
+            args.steps,
+            args.warmup,
+            device,
+        )
         rows.append({"config": label, "seconds": seconds, "flops": flops, "bf16": levers.bf16, "n_critic": 5})
     for script in scripts_at(f"{size}x{channels}", args):
-        for label, flags in script_levers(script, device):
+        levers = [(label, flags, ROOT) for label, flags in script_levers(script, device)]
+        if args.compare_dir:  # the other checkout's defaults, right after this one's
+            levers.insert(1, (f"defaults at {Path(args.compare_dir).resolve().name}", [], Path(args.compare_dir)))
+        for label, flags, root in levers:
             print(f"[{device}] {size}x{channels} {script}.py {label}", flush=True)
-            run_dir = workdir / f"{script}-{size}x{channels}-{device.type}-{len(rows)}"
-            seconds, n_critic = script_seconds_per_step(script, flags, args, size, channels, device, run_dir)
+            name = f"{script}-{size}x{channels}-{device.type}-{len(rows)}"
+            seconds, n_critic = script_seconds_per_step(
+                script, flags, args, size, channels, device, workdir, name, root
+            )
             bf16 = device.type == "cuda" and "fp32" not in flags  # the scripts' default precision on CUDA
             # The textbook step's FLOP count fits wgan_gp.py's own step, not one that skips penalties.
-            rows.append({"config": f"{script}.py {label}", "seconds": seconds, "flops": flops if script == "wgan_gp" and "--gp-every" not in flags else None, "bf16": bf16, "n_critic": n_critic})
+            rows.append(
+                {
+                    "config": f"{script}.py {label}",
+                    "seconds": seconds,
+                    "flops": flops if script == "wgan_gp" and "--gp-every" not in flags else None,
+                    "bf16": bf16,
+                    "n_critic": n_critic,
+                }
+            )
     return rows
 
 
 def write_table(device: torch.device, results: dict, peaks: dict, args: Args) -> Path:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_description()}, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_description()}, {torch.get_num_threads()} threads"
+    )
     lines = [
         f"# Training-step speed on {device.type.upper()}",
         "",
         f"- Machine: {name}",
         f"- torch {torch.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}",
         f"- Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`".rstrip() + "",
-        f"- Protocol: batch {args.batch_size}, one step = n_critic critic steps + 1 generator step (5 + 1; dcgan.py 1 + 1), {args.warmup} warm-up steps, "
-        f"median of {args.steps} timed steps; every row at widths {args.width} unless it says otherwise; textbook rows: "
-        f"latent 128, critic layer norm; script rows: the script's defaults otherwise{' plus ' + args.script_flags if args.script_flags else ''}.",
-        "- Peak: " + ", ".join(f"{k} matmul {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) + " (bf16 rows are measured against the bf16 peak)",
+        f"- Protocol: batch {args.batch_size}, one step = n_critic critic steps + 1 generator step "
+        f"(5 + 1; dcgan.py 1 + 1), {args.warmup} warm-up steps, median of {args.steps} timed steps; "
+        f"every row at widths {args.width} unless it says otherwise; textbook rows: latent 128, critic layer norm; "
+        "script rows: the script's defaults otherwise"
+        f"{' plus ' + args.script_flags if args.script_flags else ''}.",
+        "- Peak: "
+        + ", ".join(f"{k} matmul {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+        + " (bf16 rows are measured against the bf16 peak)",
         "",
     ]
     for shape, rows in results.items():
         base = rows[0]["seconds"]
-        lines += [f"## {shape} (size x channels)", "", "| configuration | steps/s | real images/s | speed-up vs textbook | GFLOP/step | % of peak |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {shape} (size x channels)",
+            "",
+            "| configuration | steps/s | real images/s | speed-up vs textbook | GFLOP/step | % of peak |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for row in rows:
             steps_per_sec = 1 / row["seconds"]
             flops = f"{row['flops'] / 1e9:.1f}" if row["flops"] else "—"
             peak = peaks["bf16" if row["bf16"] else "fp32"]
             fraction = f"{100 * row['flops'] * steps_per_sec / peak:.1f}" if row["flops"] else "—"
             images = steps_per_sec * row["n_critic"] * args.batch_size
-            lines.append(f"| {row['config']} | {steps_per_sec:.3f} | {images:.0f} | {base / row['seconds']:.2f}x | {flops} | {fraction} |")
+            lines.append(
+                f"| {row['config']} | {steps_per_sec:.3f} | {images:.0f} | {base / row['seconds']:.2f}x "
+                f"| {flops} | {fraction} |"
+            )
         lines.append("")
     path = Path(args.out_dir) / f"speed-{device.type}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +380,10 @@ if __name__ == "__main__":
     if args.cpus is not None:
         pin_to_cpus(args.cpus)  # the timed script processes inherit the cores and the thread count
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    raw = wgan_gp.load_idx_dataset("fashion-mnist", ROOT / "data")[0]  # (60000, 1, 28, 28) uint8
+    fashion = wgan_gp.Args()
+    wgan_gp.check_args(fashion)
+    wgan_gp.load_dataset(fashion)  # extracts the shipped archives
+    raw = torchvision.datasets.FashionMNIST(str(ROOT / "data")).data[:, None]  # (60000, 1, 28, 28) uint8
     with tempfile.TemporaryDirectory() as tmp:
         for name in devices:
             device = torch.device(name)
