@@ -1,14 +1,12 @@
 """Conditional WGAN-GP: a Wasserstein GAN with gradient penalty that generates the class it is asked for.
 
 Gulrajani et al. 2017 (https://arxiv.org/abs/1704.00028), Algorithm 1, on the DCGAN architecture, conditioned on the
-data's classes: the generator takes the label's embedding beside z (Mirza & Osindero 2014, arXiv:1411.1784); the
-critic is a projection discriminator (Miyato & Koyama 2018, arXiv:1802.05637) or takes the label as extra input
-channels; an optional auxiliary classifier loss follows AC-GAN (Odena, Olah & Shlens 2017, arXiv:1610.09585).
+data's classes: G takes the label's embedding beside z (Mirza & Osindero 2014); the critic is a projection discriminator
+(Miyato & Koyama 2018) or sees the label as input channels; optional AC-GAN loss (Odena et al. 2017). Links: README.
 
     python cond_wgan_gp.py --dataset folder --data-dir ~/data/afhq/train  # AFHQ cat, dog, wild; no flags: Fashion-MNIST
 
-Read top to bottom: settings, the method (models, loss), data, helpers, then a CUDA/AMP training loop. It imports
-nothing local, so it runs copied anywhere. Every flag: --help; the rest: README.md.
+Read top to bottom: settings, the method, data, helpers, a CUDA/AMP training loop. Every flag: --help; why: README.md
 """
 
 import copy
@@ -30,6 +28,7 @@ import torch.nn as nn
 import torchvision
 import torchvision.transforms.v2.functional as TF
 import tyro
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -111,8 +110,7 @@ class Args:
     """with --generate: write only this class (its index in the class list) instead of every class equally often"""
 
 
-# Models: DCGAN layouts at any power-of-two size, conditioned on a class label. Each stride-2 layer doubles
-# (generator) or halves (critic) the side, and halves or doubles the channels.
+# Models: DCGAN layouts at any power-of-two size, conditioned on a class label; stride-2 layers double/halve the side.
 class Generator(nn.Module):
     def __init__(self, latent_dim: int, channels: int, image_size: int, width: int, num_classes: int, embed_dim: int):
         super().__init__()
@@ -132,9 +130,8 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """D(x, y): the score of x plus, for the projection critic, <embed(y), phi(x)>, phi(x) the sum-pooled last
-    features; the concat critic sees embed(y) as extra input channels instead. With `classify`, a linear head on
-    phi(x) also returns class logits (AC-GAN)."""
+    """D(x, y) = score(x) + <embed(y), phi(x)>, phi the sum-pooled last features (projection), or the score of x with
+    embed(y) as extra input channels (concat); with `classify` also class logits from phi(x) (AC-GAN's head)."""
 
     def __init__(self, channels, image_size, width, num_classes, cond: str, embed_dim: int, classify: bool):
         super().__init__()
@@ -187,8 +184,7 @@ def auxiliary_classifier_loss(logits: Optional[torch.Tensor], labels: torch.Tens
 
 
 def augment(real: torch.Tensor, flip: bool, degrees: float) -> torch.Tensor:
-    """Each real image flipped with probability 1/2 and rotated by U[-degrees, degrees], its own draw (a transform on a
-    batch draws once for all); corners fill with black. The generator learns the augmented (still plausible) data."""
+    """Per image (a transform on a batch draws once for all): flip with p = 1/2, rotate by U[-degrees, degrees]."""
     rotate = v2.RandomRotation(degrees, v2.InterpolationMode.BILINEAR, fill=-1.0)
     transform = v2.Compose([v2.RandomHorizontalFlip(flip / 2), rotate])
     return torch.stack([transform(image) for image in real]) if flip or degrees > 0 else real
@@ -256,8 +252,6 @@ def load_dataset(args: Args) -> tuple:
 
 def decode_files(files: list, size: int, channels: int) -> tuple:
     """(B, C, S, S) uint8, each file's center square resized, and "" or what failed (runs in a DataLoader worker)."""
-    from PIL import Image
-
     images = torch.zeros(len(files), channels, size, size, dtype=torch.uint8)
     for i, file in enumerate(files):
         try:
@@ -285,8 +279,7 @@ def batch_indices(n: int, batch_size: int, seed: int, start: int, rank: int = 0,
 CHECKPOINT_KIND = "cond_wgan_gp"  # stored in every checkpoint: one from another script is refused
 
 
-def fail(message: str) -> NoReturn:
-    """Stop with one line on stderr and exit code 1: bad input gets a message, not a traceback."""
+def fail(message: str) -> NoReturn:  # one line on stderr and exit code 1: bad input gets a message, not a traceback
     raise SystemExit(f"error: {message}")
 
 
@@ -355,21 +348,30 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {next(iter(str(e).splitlines()), '')})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        fail(f"{path} is not a {CHECKPOINT_KIND}.py checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND or "reals" not in ckpt:
+        fail(f"{path} is not a checkpoint of this version of {CHECKPOINT_KIND}.py")
     ckpt["args"] = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
     return ckpt
 
 
 def write_atomic(path: Path, data) -> None:
-    """Write bytes (or call data(file)) into a temporary file, then rename it: never a half-written file."""
+    """Write bytes (or call data(file)) to a temporary file, then rename it: never a half-written file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             data(f) if callable(data) else f.write(data)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk in torch.save: RuntimeError("unexpected pos"), from an OSError
+        fail(f"cannot write {path} ({getattr(e.__context__ or e, 'strerror', None) or e})")
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():  # gone after the rename; never made where the folder could not be
+            tmp.unlink()
+
+
+def save_real_vs_fake(reals: torch.Tensor, fakes: torch.Tensor, path: Path) -> None:  # rows of 8 reals, then 8 fakes
+    rows = [x.float().cpu().unflatten(0, (-1, 8)) for x in (reals / 127.5 - 1, fakes)]
+    save_png(torch.cat(rows, 1).flatten(0, 1), path, nrow=16)
 
 
 def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
@@ -396,10 +398,10 @@ if __name__ == "__main__":
         if ckpt and len(ckpt["classes"]) != len(classes):
             fail(f"{args.resume} was trained on {len(ckpt['classes'])} classes, the data has {len(classes)}")
     classes = ckpt["classes"] if args.generate else classes
+    if ckpt and args.run_name != ckpt["args"].run_name:
+        fail(f"--resume continues the run in {Path(args.resume or args.generate).parent}: --run-name cannot move it")
     args.run_name = args.run_name or f"{args.dataset}__{Path(__file__).stem}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume or args.generate).parent if ckpt else Path("runs", args.run_name)
-    if not ckpt and (run_dir / "checkpoint.pt").exists():
-        fail(f"{run_dir} holds a run: continue it with --resume {run_dir / 'checkpoint.pt'} or pick another --run-name")
     torch.manual_seed(args.seed)  # the same initial weights in every process
     cuda, amp_dtype = device.type == "cuda", None  # the CPU runs fp32: bf16 convolutions are slower there without AMX
     if cuda:
@@ -423,7 +425,9 @@ if __name__ == "__main__":
     rows = min(len(classes), 16)  # the grid: one row per class (the first 16), one noise vector per column
     fixed_noise = torch.randn(8, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).repeat(rows, 1)
     fixed_noise, fixed_labels = fixed_noise.to(device), torch.arange(rows, device=device).repeat_interleave(8)
-    stateful = {"generator": generator, "critic": critic, "ema": ema, "opt_g": opt_g, "opt_d": opt_d, "scaler": scaler}
+    if not args.generate:  # real_vs_fake.png: 8 real images of each class in the grid (any, where a class has none)
+        reals = images[torch.multinomial((labels == torch.arange(rows)[:, None]) + 1e-9, 8, True).flatten()]
+    stateful = dict(generator=generator, critic=critic, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
     if ckpt:
         ckpt["ema"] = ckpt["ema"] or ckpt["generator"]  # an EMA turned on at resume starts from the trained weights
         try:
@@ -432,25 +436,27 @@ if __name__ == "__main__":
                     obj.load_state_dict(ckpt[key])
         except (RuntimeError, ValueError) as e:  # its last line names a mismatch: "size mismatch for net.0.weight ..."
             fail(f"checkpoint {args.resume} does not fit this run: {str(e).splitlines()[-1].strip()}")
-    if args.generate:  # num_images PNGs in <checkpoint folder>/generated/<class>/, image i of class i % K or --label
+        for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d)):  # the rates and betas given now, not the saved ones
+            opt.param_groups[0].update(lr=lr, betas=(args.beta1, args.beta2))
+    if args.generate:  # num_images PNGs in <checkpoint folder>/generated/<class>/; the fixed-noise grids beside it
         if args.label is not None and not 0 <= args.label < len(classes):
             fail(f"--label {args.label} is not a class of {args.generate}: {list(enumerate(classes))}")
         folders = [run_dir / "generated" / name.replace("/", "_") for name in classes]  # "T-shirt/top": T-shirt_top
         torch.manual_seed(args.seed)
         with torch.no_grad():
-            save_png(sampler.eval()(fixed_noise, fixed_labels), run_dir / "generated_grid.png")
-            for start in range(0, args.num_images, 500):
-                index = torch.arange(start, min(start + 500, args.num_images))
-                y = torch.full_like(index, args.label) if args.label is not None else index % len(classes)
-                fakes = sampler(torch.randn(len(index), args.latent_dim, device=device), y.to(device))
-                for i, k in zip(index.tolist(), y.tolist()):  # i runs over all classes: unique names in merged folders
-                    folders[k].mkdir(parents=True, exist_ok=True)
-                    save_png(fakes[i - start : i - start + 1], folders[k] / f"{i:06d}.png")
-        print(f"wrote {args.num_images} images to {run_dir / 'generated'}/<class>/ and a grid beside it")
+            save_png(samples := sampler.eval()(fixed_noise, fixed_labels), run_dir / "generated_grid.png")
+            save_real_vs_fake(ckpt["reals"], samples, run_dir / "real_vs_fake.png")
+            for i in range(args.num_images):  # image i of class i % K or --label: i is unique over the class folders
+                y = torch.tensor([args.label if args.label is not None else i % len(classes)], device=device)
+                save_png(sampler(torch.randn(1, args.latent_dim, device=device), y), folders[y] / f"{i:06d}.png")
+        print(f"wrote {args.num_images} images to {run_dir / 'generated'}/<class>/ and two grids beside it")
         sys.exit()
     if rank == 0:  # under torchrun only process 0 logs, writes grids and checkpoints
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
+        try:  # a new run makes a new folder: two runs of one name, even started at once, never share one
+            run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
+            writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
+        except OSError as e:  # FileExistsError too: another run has this name
+            fail(f"cannot make the run folder {run_dir} ({e.strerror}): pick another --run-name, or --resume its run")
     stop_signal = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one kills at once
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))
@@ -463,8 +469,7 @@ if __name__ == "__main__":
     loss_sums = torch.zeros(len(loss_names), device=device)  # summed on the device, read every log_every steps
     with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank > 0) as progress:
         while step < args.total_steps and not stopping:
-            # The noise of step k is drawn from (seed, rank, k) alone: a resumed run draws what a straight one would.
-            torch.manual_seed(hash((args.seed, rank, step)))
+            torch.manual_seed(hash((args.seed, rank, step)))  # step k draws from (seed, rank, k): resumed or not
             for i in range(args.n_critic):
                 idx = next(batches).to(device)
                 real, y = images[idx].contiguous(memory_format=fmt).float() / 127.5 - 1, labels[idx]
@@ -478,8 +483,7 @@ if __name__ == "__main__":
                     d_real, d_fake = scores.float().chunk(2)
                     wasserstein = d_real.mean() - d_fake.mean()
                     gp = torch.zeros((), device=device)
-                    if (step * args.n_critic + i) % args.gp_every == 0:  # every critic step unless --gp-every > 1
-                        # Weighted by gp_every, the penalty's weight per critic step stays lambda on average.
+                    if (step * args.n_critic + i) % args.gp_every == 0:  # every step, or every k-th weighted by k
                         # The labels held fixed: the penalty differentiates a function of the images alone.
                         critic_y = lambda x: critic(x, y)[0]  # noqa: E731, B023 (called at once, inside this step)
                         gp = args.gp_every * gradient_penalty(critic_y, real, fake.float(), scale=scaler.get_scale())
@@ -508,8 +512,13 @@ if __name__ == "__main__":
             if world_size > 1:  # a stop on one process stops all at the same step (gloo on the CPU: no GPU sync)
                 torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, group=stop_group)
             stopping = bool(stop)
-            if rank == 0 and (step % args.log_every == 0 or step == args.total_steps or stopping):
+            save = step % args.sample_every == 0 or step == args.total_steps or stopping
+            if rank == 0 and (save or step % args.log_every == 0):  # a checkpoint is only written after this check
                 values = (loss_sums / (step - logged_step)).tolist()  # the one sync point of the interval
+                if not (math.isfinite(sum(values)) and all(p.isfinite().all() for p in sampler.parameters())):
+                    last = run_dir / "checkpoint.pt"  # written only after this check passed: its step was good
+                    kept = f"{last} keeps the last good step" if last.exists() else "no checkpoint was written"
+                    fail(f"training diverged at step {step} (a loss or weight is not finite); {kept}")
                 seconds, logged_time = time.perf_counter() - logged_time, time.perf_counter()
                 values.append((step - logged_step) * args.n_critic * args.batch_size * world_size / seconds)
                 for name, value in zip(loss_names + ["charts/images_per_sec"], values):
@@ -517,23 +526,25 @@ if __name__ == "__main__":
                 progress.set_postfix(critic=f"{values[0]:.3f}", gen=f"{values[3]:.3f}", w=f"{values[1]:.3f}")
                 loss_sums.zero_()
                 logged_step = step
-            if rank == 0 and (step % args.sample_every == 0 or step == args.total_steps or stopping):
-                with torch.no_grad():  # the fixed-noise grid, every grid so far as a GIF, then the checkpoint
-                    grid = save_png(sampler.eval()(fixed_noise, fixed_labels), run_dir / f"samples/{step:07d}.png")
+            if rank == 0 and save:
+                with torch.no_grad():  # the grids (fixed noise; beside real images; all as a GIF), the checkpoint
+                    samples = sampler.eval()(fixed_noise, fixed_labels)
+                    grid = save_png(samples, run_dir / f"samples/{step:07d}.png")
+                    save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
                 writer.add_image("samples/fixed_noise", grid, step)
                 generator.train()
                 frames = [TF.to_pil_image(torchvision.io.decode_image(p)) for p in sorted(run_dir.glob("samples/*"))]
                 frames[0].save(run_dir / "progress.gif", save_all=True, append_images=frames[1:], duration=300, loop=0)
                 state = {key: obj.state_dict() if obj is not None else None for key, obj in stateful.items()}
-                state.update(kind=CHECKPOINT_KIND, args=dataclasses.asdict(args), step=step, classes=classes)
+                state.update(kind=CHECKPOINT_KIND, args=dataclasses.asdict(args), step=step, reals=reals)
+                state["classes"] = classes  # --generate names its folders after them
                 write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, state))  # whole, or the old stays
 
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:
         writer.close()
-        print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}")
-        if stopping:
-            print(f"continue with: python {Path(__file__).name} --resume {run_dir / 'checkpoint.pt'}")
+        how = f"; continue with: python {Path(__file__).name} --resume {run_dir}/checkpoint.pt" if stopping else ""
+        print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}{how}")
     if stopping:
         sys.exit(128 + (stop_signal[0] if stop_signal else signal.SIGTERM))

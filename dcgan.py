@@ -1,13 +1,11 @@
 """DCGAN: a GAN of two convolutional networks, with the stabilisation tricks that face generation uses.
 
-Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434), with the non-saturating loss of Goodfellow et al.
-2014. Off by default, the tricks face DCGANs add: label smoothing (Salimans et al. 2016, arXiv:1606.03498), noisy
-labels (ganhacks), instance noise (Sonderby et al. 2016, arXiv:1610.04490), D dropout, LeakyReLU in G.
+Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434), non-saturating loss (Goodfellow et al. 2014). Off by
+default: label smoothing (Salimans et al. 2016), noisy labels, instance noise (Sonderby et al. 2016), dropout, leaky G.
 
     python dcgan.py --dataset celeba --data-dir ~/data  # faces at 64x64; without flags Fashion-MNIST, offline
 
-Read top to bottom: settings, the method (models, loss), data, helpers, then a CUDA/AMP training loop. It imports
-nothing local, so it runs copied anywhere. Every flag: --help; the rest: README.md.
+Read top to bottom: settings, the method, data, helpers, a CUDA/AMP training loop. Every flag: --help; why: README.md
 """
 
 import copy
@@ -26,10 +24,10 @@ from typing import Literal, NoReturn, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 import tyro
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -82,7 +80,6 @@ class Args:
     """Adam beta2 of both optimizers"""
     ema_decay: float = 0.0
     """decay of a moving average of the generator used for samples, e.g. 0.999; 0 (scored better, README) is off"""
-    # DCGAN
     g_width: int = 64
     """channels of the generator's last hidden layer, doubled in each one before"""
     d_width: int = 64
@@ -97,10 +94,8 @@ class Args:
     """use LeakyReLU(0.2) instead of ReLU in the generator"""
 
 
-# Models: DCGAN layouts at any power-of-two size. Each stride-2 layer doubles (generator) or halves
-# (discriminator) the side, and halves or doubles the channels.
-def init_weights(m: nn.Module) -> None:
-    """Radford et al. 2015: conv weights ~ N(0, 0.02), batch-norm scales ~ N(1, 0.02); the rest keeps PyTorch's init."""
+# Models: DCGAN layouts at any power-of-two size; each stride-2 layer doubles (generator) or halves (D) the side.
+def init_weights(m: nn.Module) -> None:  # Radford et al.: conv weights ~ N(0, 0.02), batch-norm scales ~ N(1, 0.02)
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)):
         nn.init.normal_(m.weight, 1.0 if isinstance(m, nn.BatchNorm2d) else 0.0, 0.02)
 
@@ -122,7 +117,6 @@ class Generator(nn.Sequential):
 class Discriminator(nn.Sequential):
     def __init__(self, channels: int, image_size: int, width: int, dropout: float = 0.0):
         n_down = int(math.log2(image_size)) - 2  # image_size -> 4x4
-        # Dropout(0) is a no-op: the default costs nothing, and every setting has the same state-dict keys
         layers = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True), nn.Dropout(dropout)]
         ch = width
         for _ in range(n_down - 1):  # (B, ch, s, s) -> (B, 2ch, s/2, s/2)
@@ -136,13 +130,13 @@ class Discriminator(nn.Sequential):
 # Loss: binary cross-entropy on logits, D(x) = sigmoid(logit): autocast-safe, where a sigmoid and BCELoss are not.
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # L_D = -E_x[y log D(x) + (1 - y) log(1 - D(x))] - E_z[log(1 - D(G(z)))], y = targets: 1, below 1 when smoothed
-    real = F.binary_cross_entropy_with_logits(real_logits, targets)
-    return real + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    real = nn.functional.binary_cross_entropy_with_logits(real_logits, targets)
+    return real + nn.functional.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
 
 
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     # L_G = -E_z[log D(G(z))], non-saturating: the minimax E_z[log(1 - D(G(z)))] vanishes while D rejects the fakes
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    return nn.functional.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
 def add_noise(x: torch.Tensor, std: float) -> torch.Tensor:
@@ -196,8 +190,6 @@ def load_dataset(args: Args) -> tuple:
 
 def decode_files(files: list, size: int, channels: int) -> tuple:
     """(B, C, S, S) uint8, each file's center square resized, and "" or what failed (runs in a DataLoader worker)."""
-    from PIL import Image
-
     images = torch.zeros(len(files), channels, size, size, dtype=torch.uint8)
     for i, file in enumerate(files):
         try:
@@ -225,8 +217,7 @@ def batch_indices(n: int, batch_size: int, seed: int, start: int, rank: int = 0,
 CHECKPOINT_KIND = "dcgan"  # stored in every checkpoint: one from another script is refused
 
 
-def fail(message: str) -> NoReturn:
-    """Stop with one line on stderr and exit code 1: bad input gets a message, not a traceback."""
+def fail(message: str) -> NoReturn:  # one line on stderr and exit code 1: bad input gets a message, not a traceback
     raise SystemExit(f"error: {message}")
 
 
@@ -290,21 +281,30 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {next(iter(str(e).splitlines()), '')})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        fail(f"{path} is not a {CHECKPOINT_KIND}.py checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND or "reals" not in ckpt:
+        fail(f"{path} is not a checkpoint of this version of {CHECKPOINT_KIND}.py")
     ckpt["args"] = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
     return ckpt
 
 
 def write_atomic(path: Path, data) -> None:
-    """Write bytes (or call data(file)) into a temporary file, then rename it: never a half-written file."""
+    """Write bytes (or call data(file)) to a temporary file, then rename it: never a half-written file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             data(f) if callable(data) else f.write(data)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk in torch.save: RuntimeError("unexpected pos"), from an OSError
+        fail(f"cannot write {path} ({getattr(e.__context__ or e, 'strerror', None) or e})")
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():  # gone after the rename; never made where the folder could not be
+            tmp.unlink()
+
+
+def save_real_vs_fake(reals: torch.Tensor, fakes: torch.Tensor, path: Path) -> None:  # rows of 8 reals, then 8 fakes
+    rows = [x.float().cpu().unflatten(0, (-1, 8)) for x in (reals / 127.5 - 1, fakes)]
+    save_png(torch.cat(rows, 1).flatten(0, 1), path, nrow=16)
 
 
 def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
@@ -324,10 +324,10 @@ if __name__ == "__main__":
     device, rank, world_size = setup_device(args.device)
     if not args.generate:  # before anything is written: bad data leaves nothing behind
         images, labels, classes, files = load_dataset(args)
+    if ckpt and args.run_name != ckpt["args"].run_name:
+        fail(f"--resume continues the run in {Path(args.resume or args.generate).parent}: --run-name cannot move it")
     args.run_name = args.run_name or f"{args.dataset}__{Path(__file__).stem}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume or args.generate).parent if ckpt else Path("runs", args.run_name)
-    if not ckpt and (run_dir / "checkpoint.pt").exists():
-        fail(f"{run_dir} holds a run: continue it with --resume {run_dir / 'checkpoint.pt'} or pick another --run-name")
     torch.manual_seed(args.seed)  # the same initial weights in every process
     cuda, amp_dtype = device.type == "cuda", None  # the CPU runs fp32: bf16 convolutions are slower there without AMX
     if cuda:
@@ -347,8 +347,8 @@ if __name__ == "__main__":
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, **adam)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one for both: PyTorch's recipe
     fixed_noise = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    stateful = {"generator": generator, "discriminator": discriminator, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
-    stateful["scaler"] = scaler
+    reals = ckpt["reals"] if ckpt else images[torch.randperm(len(images))[torch.arange(64) % len(images)]]  # 64 drawn
+    stateful = dict(generator=generator, discriminator=discriminator, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
     if ckpt:
         ckpt["ema"] = ckpt["ema"] or ckpt["generator"]  # an EMA turned on at resume starts from the trained weights
         try:
@@ -357,20 +357,23 @@ if __name__ == "__main__":
                     obj.load_state_dict(ckpt[key])
         except (RuntimeError, ValueError) as e:  # its last line names a mismatch: "size mismatch for net.0.weight ..."
             fail(f"checkpoint {args.resume} does not fit this run: {str(e).splitlines()[-1].strip()}")
-    if args.generate:  # num_images PNGs in <checkpoint folder>/generated, the fixed-noise grid beside it (not in it)
-        (run_dir / "generated").mkdir(exist_ok=True)
+        for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d)):  # the rates and betas given now, not the saved ones
+            opt.param_groups[0].update(lr=lr, betas=(args.beta1, args.beta2))
+    if args.generate:  # num_images PNGs in <checkpoint folder>/generated; the fixed-noise grids beside it (not in it)
         torch.manual_seed(args.seed)
         with torch.no_grad():
-            save_png(sampler.eval()(fixed_noise), run_dir / "generated_grid.png")
-            for start in range(0, args.num_images, 500):
-                fakes = sampler(torch.randn(min(500, args.num_images - start), args.latent_dim, device=device))
-                for i in range(len(fakes)):
-                    save_png(fakes[i : i + 1], run_dir / "generated" / f"{start + i:06d}.png")
-        print(f"wrote {args.num_images} images to {run_dir / 'generated'} and a grid beside it")
+            save_png(samples := sampler.eval()(fixed_noise), run_dir / "generated_grid.png")
+            save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
+            for i in range(args.num_images):  # one at a time: in eval mode each sample is generated alone anyway
+                save_png(sampler(torch.randn(1, args.latent_dim, device=device)), run_dir / f"generated/{i:06d}.png")
+        print(f"wrote {args.num_images} images to {run_dir / 'generated'} and two grids beside it")
         sys.exit()
     if rank == 0:  # under torchrun only process 0 logs, writes grids and checkpoints
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
+        try:  # a new run makes a new folder: two runs of one name, even started at once, never share one
+            run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
+            writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
+        except OSError as e:  # FileExistsError too: another run has this name
+            fail(f"cannot make the run folder {run_dir} ({e.strerror}): pick another --run-name, or --resume its run")
     stop_signal = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one kills at once
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))
@@ -383,20 +386,17 @@ if __name__ == "__main__":
     loss_sums = torch.zeros(len(loss_names), device=device)  # summed on the device, read every log_every steps
     with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank > 0) as progress:
         while step < args.total_steps and not stopping:
-            # The noise of step k is drawn from (seed, rank, k) alone: a resumed run draws what a straight one would.
-            torch.manual_seed(hash((args.seed, rank, step)))
+            torch.manual_seed(hash((args.seed, rank, step)))  # step k draws from (seed, rank, k): resumed or not
             noise_std = args.instance_noise * (1 - step / args.total_steps)  # instance noise, annealed linearly to 0
             real = images[next(batches).to(device)].contiguous(memory_format=fmt).float() / 127.5 - 1
-            z = torch.randn(args.batch_size, args.latent_dim, device=device)
-            with autocast:
-                fake = generator_fwd(z)  # with its graph: the generator step below reuses these fakes
+            with autocast:  # the fakes keep their graph: the generator step below reuses them
+                fake = generator_fwd(torch.randn(args.batch_size, args.latent_dim, device=device))
                 # Two forwards, not one on torch.cat([real, fake]): batch norm would mix real and fake statistics.
                 real_logits = discriminator_fwd(add_noise(real, noise_std)).float()
                 fake_logits = discriminator_fwd(add_noise(fake.detach(), noise_std)).float()  # detach: trains D only
                 targets = torch.empty_like(real_logits).uniform_(args.real_label[0], args.real_label[-1])
                 d_loss = discriminator_loss(real_logits, fake_logits, targets)
             optimizer_step(d_loss, opt_d, scaler, discriminator, world_size)
-
             discriminator.requires_grad_(False)  # the generator step needs gradients through D, not of its weights
             with autocast:
                 g_loss = generator_loss(discriminator_fwd(add_noise(fake, noise_std)).float())
@@ -406,19 +406,21 @@ if __name__ == "__main__":
                 decay = min(args.ema_decay, (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(ema.parameters()), list(generator.parameters()), 1 - decay)
                 torch._foreach_copy_(list(ema.buffers()), list(generator.buffers()))  # batch-norm running statistics
-            d_real, d_fake = (
-                real_logits.detach().sigmoid().mean(),
-                fake_logits.detach().sigmoid().mean(),
-            )  # before the D step
-            loss_sums += torch.stack([d_loss.detach(), g_loss.detach(), d_real, d_fake])
+            d_real, d_fake = real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()  # before the D step
+            loss_sums += torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
             step += 1
             progress.update(1)
             stop = torch.tensor(float(bool(stop_signal)))
             if world_size > 1:  # a stop on one process stops all at the same step (gloo on the CPU: no GPU sync)
                 torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, group=stop_group)
             stopping = bool(stop)
-            if rank == 0 and (step % args.log_every == 0 or step == args.total_steps or stopping):
+            save = step % args.sample_every == 0 or step == args.total_steps or stopping
+            if rank == 0 and (save or step % args.log_every == 0):  # a checkpoint is only written after this check
                 values = (loss_sums / (step - logged_step)).tolist()  # the one sync point of the interval
+                if not (math.isfinite(sum(values)) and all(p.isfinite().all() for p in sampler.parameters())):
+                    last = run_dir / "checkpoint.pt"  # written only after this check passed: its step was good
+                    kept = f"{last} keeps the last good step" if last.exists() else "no checkpoint was written"
+                    fail(f"training diverged at step {step} (a loss or weight is not finite); {kept}")
                 seconds, logged_time = time.perf_counter() - logged_time, time.perf_counter()
                 values.append((step - logged_step) * args.batch_size * world_size / seconds)
                 for name, value in zip(loss_names + ["charts/images_per_sec"], values):
@@ -426,23 +428,23 @@ if __name__ == "__main__":
                 progress.set_postfix(disc=f"{values[0]:.3f}", gen=f"{values[1]:.3f}", d_real=f"{values[2]:.2f}")
                 loss_sums.zero_()
                 logged_step = step
-            if rank == 0 and (step % args.sample_every == 0 or step == args.total_steps or stopping):
-                with torch.no_grad():  # the fixed-noise grid, every grid so far as a GIF, then the checkpoint
-                    grid = save_png(sampler.eval()(fixed_noise), run_dir / f"samples/{step:07d}.png")
+            if rank == 0 and save:
+                with torch.no_grad():  # the grids (fixed noise; beside real images; all as a GIF), the checkpoint
+                    grid = save_png(samples := sampler.eval()(fixed_noise), run_dir / f"samples/{step:07d}.png")
+                    save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
                 writer.add_image("samples/fixed_noise", grid, step)
                 generator.train()
                 frames = [TF.to_pil_image(torchvision.io.decode_image(p)) for p in sorted(run_dir.glob("samples/*"))]
                 frames[0].save(run_dir / "progress.gif", save_all=True, append_images=frames[1:], duration=300, loop=0)
                 state = {key: obj.state_dict() if obj is not None else None for key, obj in stateful.items()}
-                state.update(kind=CHECKPOINT_KIND, args=dataclasses.asdict(args), step=step)
+                state.update(kind=CHECKPOINT_KIND, args=dataclasses.asdict(args), step=step, reals=reals)
                 write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, state))  # whole, or the old stays
 
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:
         writer.close()
-        print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}")
-        if stopping:
-            print(f"continue with: python {Path(__file__).name} --resume {run_dir / 'checkpoint.pt'}")
+        how = f"; continue with: python {Path(__file__).name} --resume {run_dir}/checkpoint.pt" if stopping else ""
+        print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}{how}")
     if stopping:
         sys.exit(128 + (stop_signal[0] if stop_signal else signal.SIGTERM))

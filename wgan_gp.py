@@ -5,8 +5,7 @@ Gulrajani, Ahmed, Arjovsky, Dumoulin & Courville 2017, "Improved Training of Was
 
     python wgan_gp.py --dataset celeba --data-dir ~/data  # faces at 64x64; without flags Fashion-MNIST, offline
 
-Read top to bottom: settings, the method (models, loss), data, helpers, then a CUDA/AMP training loop. It imports
-nothing local, so it runs copied anywhere. Every flag: --help; the rest: README.md.
+Read top to bottom: settings, the method, data, helpers, a CUDA/AMP training loop. Every flag: --help; why: README.md
 """
 
 import copy
@@ -28,6 +27,7 @@ import torch.nn as nn
 import torchvision
 import torchvision.transforms.v2.functional as TF
 import tyro
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -93,8 +93,7 @@ class Args:
     """channels of the critic's first layer, doubled in each one after; default 32 up to 32 px, else 64"""
 
 
-# Models: DCGAN layouts at any power-of-two size. Each stride-2 layer doubles (generator) or halves (critic)
-# the side, and halves or doubles the channels.
+# Models: DCGAN layouts at any power-of-two size; each stride-2 layer doubles (generator) or halves (critic) the side.
 class Generator(nn.Sequential):
     def __init__(self, latent_dim: int, channels: int, image_size: int, width: int):
         n_up = int(math.log2(image_size)) - 2  # 4x4 -> image_size
@@ -182,8 +181,6 @@ def load_dataset(args: Args) -> tuple:
 
 def decode_files(files: list, size: int, channels: int) -> tuple:
     """(B, C, S, S) uint8, each file's center square resized, and "" or what failed (runs in a DataLoader worker)."""
-    from PIL import Image
-
     images = torch.zeros(len(files), channels, size, size, dtype=torch.uint8)
     for i, file in enumerate(files):
         try:
@@ -211,8 +208,7 @@ def batch_indices(n: int, batch_size: int, seed: int, start: int, rank: int = 0,
 CHECKPOINT_KIND = "wgan_gp"  # stored in every checkpoint: one from another script is refused
 
 
-def fail(message: str) -> NoReturn:
-    """Stop with one line on stderr and exit code 1: bad input gets a message, not a traceback."""
+def fail(message: str) -> NoReturn:  # one line on stderr and exit code 1: bad input gets a message, not a traceback
     raise SystemExit(f"error: {message}")
 
 
@@ -277,21 +273,30 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {next(iter(str(e).splitlines()), '')})")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        fail(f"{path} is not a {CHECKPOINT_KIND}.py checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND or "reals" not in ckpt:
+        fail(f"{path} is not a checkpoint of this version of {CHECKPOINT_KIND}.py")
     ckpt["args"] = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
     return ckpt
 
 
 def write_atomic(path: Path, data) -> None:
-    """Write bytes (or call data(file)) into a temporary file, then rename it: never a half-written file."""
+    """Write bytes (or call data(file)) to a temporary file, then rename it: never a half-written file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             data(f) if callable(data) else f.write(data)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk in torch.save: RuntimeError("unexpected pos"), from an OSError
+        fail(f"cannot write {path} ({getattr(e.__context__ or e, 'strerror', None) or e})")
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():  # gone after the rename; never made where the folder could not be
+            tmp.unlink()
+
+
+def save_real_vs_fake(reals: torch.Tensor, fakes: torch.Tensor, path: Path) -> None:  # rows of 8 reals, then 8 fakes
+    rows = [x.float().cpu().unflatten(0, (-1, 8)) for x in (reals / 127.5 - 1, fakes)]
+    save_png(torch.cat(rows, 1).flatten(0, 1), path, nrow=16)
 
 
 def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
@@ -311,10 +316,10 @@ if __name__ == "__main__":
     device, rank, world_size = setup_device(args.device)
     if not args.generate:  # before anything is written: bad data leaves nothing behind
         images, labels, classes, files = load_dataset(args)
+    if ckpt and args.run_name != ckpt["args"].run_name:
+        fail(f"--resume continues the run in {Path(args.resume or args.generate).parent}: --run-name cannot move it")
     args.run_name = args.run_name or f"{args.dataset}__{Path(__file__).stem}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume or args.generate).parent if ckpt else Path("runs", args.run_name)
-    if not ckpt and (run_dir / "checkpoint.pt").exists():
-        fail(f"{run_dir} holds a run: continue it with --resume {run_dir / 'checkpoint.pt'} or pick another --run-name")
     torch.manual_seed(args.seed)  # the same initial weights in every process
     cuda, amp_dtype = device.type == "cuda", None  # the CPU runs fp32: bf16 convolutions are slower there without AMX
     if cuda:
@@ -334,7 +339,8 @@ if __name__ == "__main__":
     opt_d = torch.optim.Adam(critic.parameters(), lr=args.lr_d, **adam)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one for both: PyTorch's recipe
     fixed_noise = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    stateful = {"generator": generator, "critic": critic, "ema": ema, "opt_g": opt_g, "opt_d": opt_d, "scaler": scaler}
+    reals = ckpt["reals"] if ckpt else images[torch.randperm(len(images))[torch.arange(64) % len(images)]]  # 64 drawn
+    stateful = dict(generator=generator, critic=critic, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
     if ckpt:
         ckpt["ema"] = ckpt["ema"] or ckpt["generator"]  # an EMA turned on at resume starts from the trained weights
         try:
@@ -343,20 +349,23 @@ if __name__ == "__main__":
                     obj.load_state_dict(ckpt[key])
         except (RuntimeError, ValueError) as e:  # its last line names a mismatch: "size mismatch for net.0.weight ..."
             fail(f"checkpoint {args.resume} does not fit this run: {str(e).splitlines()[-1].strip()}")
-    if args.generate:  # num_images PNGs in <checkpoint folder>/generated, the fixed-noise grid beside it (not in it)
-        (run_dir / "generated").mkdir(exist_ok=True)
+        for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d)):  # the rates and betas given now, not the saved ones
+            opt.param_groups[0].update(lr=lr, betas=(args.beta1, args.beta2))
+    if args.generate:  # num_images PNGs in <checkpoint folder>/generated; the fixed-noise grids beside it (not in it)
         torch.manual_seed(args.seed)
         with torch.no_grad():
-            save_png(sampler.eval()(fixed_noise), run_dir / "generated_grid.png")
-            for start in range(0, args.num_images, 500):
-                fakes = sampler(torch.randn(min(500, args.num_images - start), args.latent_dim, device=device))
-                for i in range(len(fakes)):
-                    save_png(fakes[i : i + 1], run_dir / "generated" / f"{start + i:06d}.png")
-        print(f"wrote {args.num_images} images to {run_dir / 'generated'} and a grid beside it")
+            save_png(samples := sampler.eval()(fixed_noise), run_dir / "generated_grid.png")
+            save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
+            for i in range(args.num_images):  # one at a time: in eval mode each sample is generated alone anyway
+                save_png(sampler(torch.randn(1, args.latent_dim, device=device)), run_dir / f"generated/{i:06d}.png")
+        print(f"wrote {args.num_images} images to {run_dir / 'generated'} and two grids beside it")
         sys.exit()
     if rank == 0:  # under torchrun only process 0 logs, writes grids and checkpoints
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
+        try:  # a new run makes a new folder: two runs of one name, even started at once, never share one
+            run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
+            writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
+        except OSError as e:  # FileExistsError too: another run has this name
+            fail(f"cannot make the run folder {run_dir} ({e.strerror}): pick another --run-name, or --resume its run")
     stop_signal = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one kills at once
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))
@@ -369,8 +378,7 @@ if __name__ == "__main__":
     loss_sums = torch.zeros(len(loss_names), device=device)  # summed on the device, read every log_every steps
     with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank > 0) as progress:
         while step < args.total_steps and not stopping:
-            # The noise of step k is drawn from (seed, rank, k) alone: a resumed run draws what a straight one would.
-            torch.manual_seed(hash((args.seed, rank, step)))
+            torch.manual_seed(hash((args.seed, rank, step)))  # step k draws from (seed, rank, k): resumed or not
             for i in range(args.n_critic):
                 real = images[next(batches).to(device)].contiguous(memory_format=fmt).float() / 127.5 - 1
                 z = torch.randn(args.batch_size, args.latent_dim, device=device)
@@ -381,8 +389,7 @@ if __name__ == "__main__":
                     d_real, d_fake = critic_fwd(torch.cat([real, fake])).float().chunk(2)
                     wasserstein = d_real.mean() - d_fake.mean()
                     gp = torch.zeros((), device=device)
-                    if (step * args.n_critic + i) % args.gp_every == 0:  # every critic step unless --gp-every > 1
-                        # Weighted by gp_every, the penalty's weight per critic step stays lambda on average.
+                    if (step * args.n_critic + i) % args.gp_every == 0:  # every step, or every k-th weighted by k
                         gp = args.gp_every * gradient_penalty(critic, real, fake.float(), scale=scaler.get_scale())
                     # L_D = E[D(x~)] - E[D(x)] + lambda * E[(||grad D(x^)||_2 - 1)^2]
                     d_loss = -wasserstein + args.lambda_gp * gp
@@ -391,8 +398,7 @@ if __name__ == "__main__":
 
             critic.requires_grad_(False)  # the generator step needs gradients through the critic, not of its weights
             with autocast:
-                # L_G = -E[D(G(z))]
-                g_loss = -critic_fwd(generator_fwd(torch.randn_like(z))).float().mean()
+                g_loss = -critic_fwd(generator_fwd(torch.randn_like(z))).float().mean()  # L_G = -E[D(G(z))]
             optimizer_step(g_loss, opt_g, scaler, generator, world_size)
             critic.requires_grad_(True)
             if ema is not None:  # a moving average of the generator; the warm-up lets the early weights fade fast
@@ -406,8 +412,13 @@ if __name__ == "__main__":
             if world_size > 1:  # a stop on one process stops all at the same step (gloo on the CPU: no GPU sync)
                 torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, group=stop_group)
             stopping = bool(stop)
-            if rank == 0 and (step % args.log_every == 0 or step == args.total_steps or stopping):
+            save = step % args.sample_every == 0 or step == args.total_steps or stopping
+            if rank == 0 and (save or step % args.log_every == 0):  # a checkpoint is only written after this check
                 values = (loss_sums / (step - logged_step)).tolist()  # the one sync point of the interval
+                if not (math.isfinite(sum(values)) and all(p.isfinite().all() for p in sampler.parameters())):
+                    last = run_dir / "checkpoint.pt"  # written only after this check passed: its step was good
+                    kept = f"{last} keeps the last good step" if last.exists() else "no checkpoint was written"
+                    fail(f"training diverged at step {step} (a loss or weight is not finite); {kept}")
                 seconds, logged_time = time.perf_counter() - logged_time, time.perf_counter()
                 values.append((step - logged_step) * args.n_critic * args.batch_size * world_size / seconds)
                 for name, value in zip(loss_names + ["charts/images_per_sec"], values):
@@ -415,23 +426,23 @@ if __name__ == "__main__":
                 progress.set_postfix(critic=f"{values[0]:.3f}", gen=f"{values[3]:.3f}", w=f"{values[1]:.3f}")
                 loss_sums.zero_()
                 logged_step = step
-            if rank == 0 and (step % args.sample_every == 0 or step == args.total_steps or stopping):
-                with torch.no_grad():  # the fixed-noise grid, every grid so far as a GIF, then the checkpoint
-                    grid = save_png(sampler.eval()(fixed_noise), run_dir / f"samples/{step:07d}.png")
+            if rank == 0 and save:
+                with torch.no_grad():  # the grids (fixed noise; beside real images; all as a GIF), the checkpoint
+                    grid = save_png(samples := sampler.eval()(fixed_noise), run_dir / f"samples/{step:07d}.png")
+                    save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
                 writer.add_image("samples/fixed_noise", grid, step)
                 generator.train()
                 frames = [TF.to_pil_image(torchvision.io.decode_image(p)) for p in sorted(run_dir.glob("samples/*"))]
                 frames[0].save(run_dir / "progress.gif", save_all=True, append_images=frames[1:], duration=300, loop=0)
                 state = {key: obj.state_dict() if obj is not None else None for key, obj in stateful.items()}
-                state.update(kind=CHECKPOINT_KIND, args=dataclasses.asdict(args), step=step)
+                state.update(kind=CHECKPOINT_KIND, args=dataclasses.asdict(args), step=step, reals=reals)
                 write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, state))  # whole, or the old stays
 
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:
         writer.close()
-        print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}")
-        if stopping:
-            print(f"continue with: python {Path(__file__).name} --resume {run_dir / 'checkpoint.pt'}")
+        how = f"; continue with: python {Path(__file__).name} --resume {run_dir}/checkpoint.pt" if stopping else ""
+        print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}{how}")
     if stopping:
         sys.exit(128 + (stop_signal[0] if stop_signal else signal.SIGTERM))
