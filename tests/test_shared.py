@@ -153,7 +153,11 @@ BAD_INPUTS = {
     "unknown device": (["--device", "tpu9"], r"--device tpu9: "),
     "too few images": (["--max-images", "4"], r"the dataset has 4 images, fewer than one batch of 8"),
     "resume of a missing file": (["--resume", "nothing.pt"], r"cannot read checkpoint nothing.pt \(FileNotFoundError"),
-    "checkpoint of another script": (["--resume", "other.pt"], r"other.pt is not a \w+\.py checkpoint$"),
+    "checkpoint of another script": (["--resume", "other.pt"], r"other.pt is not a checkpoint of this version of \w+"),
+    "checkpoint of an older version": (
+        ["--resume", "old.pt"],
+        r"old.pt is not a checkpoint of this version of wgan_gp",
+    ),
     "not a checkpoint": (["--resume", "garbage.pt"], r"cannot read checkpoint garbage.pt \(UnpicklingError"),
     "empty checkpoint": (["--resume", "empty.pt"], r"cannot read checkpoint empty.pt \(EOFError: \)"),
 }
@@ -169,6 +173,7 @@ def bad_inputs_dir(tmp_path, monkeypatch):
     Image.new("RGB", (8, 8)).save(tmp_path / "corrupt" / "a.png")
     (tmp_path / "corrupt" / "b.png").write_text("this is text, not a PNG")
     torch.save({"kind": "some_other_gan", "args": {}}, tmp_path / "other.pt")
+    torch.save({"kind": SHARED_SCRIPT, "args": {}, "scaler_g": {}}, tmp_path / "old.pt")  # before real_vs_fake.png
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "empty.pt").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
@@ -213,7 +218,7 @@ def test_existing_run_is_not_overwritten(script, trained):
     run_dir = trained(script)
     before = (run_dir / "checkpoint.pt").read_bytes()
     result = run(script, *tiny(script), "--run-name", "tiny", cwd=run_dir.parent.parent)
-    expect_error(result, r"runs/tiny holds a run: continue it with --resume runs/tiny/checkpoint.pt")
+    expect_error(result, r"cannot make the run folder runs/tiny \(File exists\): pick another --run-name, or --resume")
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
 

@@ -11,7 +11,7 @@ BUDGETS = {"wgan_gp": 450, "dcgan": 450, "resnet_sn_wgan_gp": 500, "cond_wgan_gp
 METHOD = {"Args", "Generator", "Critic", "check_args"}
 # The plumbing every script has; a name missing from one script would split the shared design.
 SHARED = {"load_dataset", "decode_files", "batch_indices", "fail", "setup_device", "optimizer_step", "load_checkpoint"}
-SHARED |= {"write_atomic", "save_png"}
+SHARED |= {"write_atomic", "save_png", "save_real_vs_fake"}
 
 
 def definitions(script: str) -> dict:
@@ -72,3 +72,13 @@ def test_order_docstring_imports_args_method_data_helpers_main(script):
         n.module.split(".")[0] for n in imports if isinstance(n, ast.ImportFrom)
     }
     assert not top_level & set(SCRIPTS), "a script imports another file of the repository"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_network_steps_once_per_step_through_the_one_averaging_function(script):
+    """optimizer_step averages the gradients over processes: called once per network, nothing else averages them."""
+    source = (ROOT / f"{script}.py").read_text()
+    main = next(n for n in ast.parse(source).body if isinstance(n, ast.If))  # the main block
+    calls = [n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert calls.count("optimizer_step") == 2
+    assert source.count("torch.distributed.all_reduce(") == 2  # the gradients' one, in optimizer_step; the stop flag
