@@ -456,7 +456,7 @@ if __name__ == "__main__":
             run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
             writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
         except OSError as e:  # FileExistsError too: another run has this name
-            fail(f"cannot make the run folder {run_dir} ({e.strerror}): pick another --run-name, or --resume its run")
+            fail(f"cannot make the run folder {run_dir} ({e.strerror or e}): pick another --run-name or --resume it")
     stop_signal = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one kills at once
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))

@@ -339,7 +339,7 @@ if __name__ == "__main__":
     opt_d = torch.optim.Adam(critic.parameters(), lr=args.lr_d, **adam)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one for both: PyTorch's recipe
     fixed_noise = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    reals = ckpt["reals"] if ckpt else images[torch.randperm(len(images))[torch.arange(64) % len(images)]]  # 64 drawn
+    reals = ckpt["reals"] if ckpt else images[torch.randperm(len(images))[torch.arange(64) % len(images)]]  # 64 reals
     stateful = dict(generator=generator, critic=critic, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
     if ckpt:
         ckpt["ema"] = ckpt["ema"] or ckpt["generator"]  # an EMA turned on at resume starts from the trained weights
@@ -365,7 +365,7 @@ if __name__ == "__main__":
             run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
             writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
         except OSError as e:  # FileExistsError too: another run has this name
-            fail(f"cannot make the run folder {run_dir} ({e.strerror}): pick another --run-name, or --resume its run")
+            fail(f"cannot make the run folder {run_dir} ({e.strerror or e}): pick another --run-name or --resume it")
     stop_signal = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one kills at once
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))

@@ -11,6 +11,8 @@ import torch
 from conftest import ROOT, SCRIPTS, tiny
 
 UNCONDITIONAL_GP_SCRIPTS = [s for s in ["wgan_gp", "resnet_sn_wgan_gp"] if s in SCRIPTS]
+# A two-process job small enough for a test: 32 images, 4 per process and step, a log every step.
+JOB_FLAGS = ["--log-every", "1", "--run-name", "job", "--max-images", "32", "--batch-size", "4"]
 
 # Runs a whole script as rank RANK of a 2-process job, then saves the parameters of every network it
 # built: the script's main block runs at module level, so its networks are globals afterwards.
@@ -82,24 +84,10 @@ def run_ranks(world: int, argv_of_rank, cwd) -> None:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_ranks_keep_identical_weights_and_only_rank0_writes(script, tmp_path):
     (tmp_path / "worker.py").write_text(RUN_SCRIPT)
-    flags = [
-        *tiny(script),
-        "--total-steps",
-        "3",
-        "--log-every",
-        "1",
-        "--run-name",
-        "job",
-        "--max-images",
-        "32",
-        "--batch-size",
-        "4",
-    ]
+    flags = [*tiny(script), "--total-steps", "3", *JOB_FLAGS]
     run_ranks(2, lambda rank: ["worker.py", str(ROOT / f"{script}.py"), f"rank{rank}.pt", *flags], tmp_path)
     nets = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
-    assert {"generator"} < set(nets[0]) and len(
-        nets[0]
-    ) >= 2  # the generator and the critic (discriminator), EMA where kept
+    assert {"generator"} < set(nets[0]) and len(nets[0]) >= 2  # the generator, the critic, the EMA where kept
     for name, params in nets[0].items():
         for key, value in params.items():
             assert torch.equal(value, nets[1][name][key]), f"{name}.{key} differs between the ranks"
@@ -128,19 +116,7 @@ def test_critic_update_of_two_ranks_equals_one_process_on_the_whole_batch(script
 
 
 def test_torchrun_launches_a_two_process_job(tmp_path):
-    flags = [
-        *tiny("wgan_gp"),
-        "--total-steps",
-        "2",
-        "--log-every",
-        "1",
-        "--run-name",
-        "job",
-        "--max-images",
-        "32",
-        "--batch-size",
-        "4",
-    ]
+    flags = [*tiny("wgan_gp"), "--total-steps", "2", *JOB_FLAGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,

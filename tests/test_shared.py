@@ -218,7 +218,7 @@ def test_existing_run_is_not_overwritten(script, trained):
     run_dir = trained(script)
     before = (run_dir / "checkpoint.pt").read_bytes()
     result = run(script, *tiny(script), "--run-name", "tiny", cwd=run_dir.parent.parent)
-    expect_error(result, r"cannot make the run folder runs/tiny \(File exists\): pick another --run-name, or --resume")
+    expect_error(result, r"cannot make the run folder runs/tiny \(File exists\): pick another --run-name or --resume")
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
 
