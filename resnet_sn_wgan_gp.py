@@ -81,8 +81,8 @@ class Args:
     """Adam beta2 of both optimizers"""
     lr_decay: bool = True
     """decay both learning rates linearly to 0 over total_steps (the ResNet recipe)"""
-    ema_decay: float = 0.999
-    """decay of the moving average of the generator used for samples; 0 turns it off"""
+    ema_halflife: float = 44000.0
+    """half-life in images of a moving average of the generator that draws the samples, 0 is off; 44000: 0.999 a step"""
     # WGAN-GP, ResNet architecture
     n_critic: int = 5
     """critic steps per generator step"""
@@ -270,8 +270,8 @@ def check_args(args: Args) -> None:
         ("channels", lambda v: v in (None, 1, 3), "1 or 3"),
         (counts + " max_images", lambda v: v is None or v >= 1, ">= 1"),
         ("lr_g lr_d", lambda v: 0 < v < math.inf, "> 0 and finite"),
-        ("lambda_gp", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
-        ("beta1 beta2 ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("lambda_gp ema_halflife", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+        ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ]:
         for name in names.split():
             if not ok(getattr(args, name)):
@@ -373,13 +373,13 @@ if __name__ == "__main__":
         auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         amp_dtype = {"auto": auto, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    fmt = torch.channels_last  # (B, H, W, C) in memory: faster convolutions on GPUs and on the CPU too (README)
     generator = Generator(
         args.latent_dim, args.channels, args.image_size, args.g_width, args.g_norm, args.g_spectral_norm
     )
     critic = Critic(args.channels, args.image_size, args.d_width, args.critic_norm, args.critic_spectral_norm)
     generator, critic = generator.to(device, memory_format=fmt), critic.to(device, memory_format=fmt)
-    ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema_decay > 0 else None
+    ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema_halflife > 0 else None
     sampler = ema if ema is not None else generator  # draws the grids: the moving average when there is one
     # torch.compile has no double backward: the penalty runs the eager critic, only the plain forwards compile.
     generator_fwd, critic_fwd = (torch.compile(m) if args.compile else m for m in (generator, critic))
@@ -452,8 +452,8 @@ if __name__ == "__main__":
                 g_loss = -critic_fwd(generator_fwd(torch.randn_like(z))).float().mean()  # L_G = -E[D(G(z))]
             optimizer_step(g_loss, opt_g, scaler, generator, world_size)
             critic.requires_grad_(True)
-            if ema is not None:  # a moving average of the generator; the warm-up lets the early weights fade fast
-                decay = min(args.ema_decay, (1 + step) / (10 + step))
+            if ema is not None:  # weights of ema_halflife images ago count half; the warm-up lets early ones fade fast
+                decay = min(0.5 ** (args.batch_size * world_size / args.ema_halflife), (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(ema.parameters()), list(generator.parameters()), 1 - decay)
                 torch._foreach_copy_(list(ema.buffers()), list(generator.buffers()))  # batch-norm running statistics
             loss_sums[3] += g_loss.detach()

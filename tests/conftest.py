@@ -23,7 +23,7 @@ SCRIPTS = ["wgan_gp", "dcgan", "cond_wgan_gp", "resnet_sn_wgan_gp"]
 SHARED_SCRIPT = "wgan_gp"
 # A training run small enough for a test: 32 px, narrow networks, few images; EMA on (off by default in
 # most scripts) so that the tests cover its checkpointing, resume and sampling.
-TINY_COMMON = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--ema-decay", "0.999"]
+TINY_COMMON = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--ema-halflife", "5000"]
 TINY_METHOD = {
     "wgan_gp": ["--n-critic", "2"],
     "dcgan": [],

@@ -68,8 +68,8 @@ def test_options_that_cannot_run_are_refused_with_one_line():
 def test_quality_benchmark_runs_end_to_end(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--scripts", "wgan_gp", "--seeds", "1",
                "--fixed-steps", "2", "--budget-minutes", "0.15", "--num-images", "200",
-               "--ablations", "no EMA=--ema-decay 0",
-               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --ema-decay 0.999",
+               "--ablations", "no EMA=--ema-halflife 0",
+               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --ema-halflife 5000",
                "--results-dir", str(tmp_path / "results"), "--assets-dir", str(tmp_path / "assets")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
         "| fixed 2 steps |" in table
         and "| 0.15 min budget |" in table
         and "| 0.15 min budget, sampled without EMA |" in table
-        and "| no EMA | `--ema-decay 0` |" in table
+        and "| no EMA | `--ema-halflife 0` |" in table
     )
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist.png").is_file()
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist-no-ema.png").is_file()

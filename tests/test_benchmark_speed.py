@@ -1,5 +1,6 @@
 """Smoke test: benchmarks/speed.py runs end to end on tiny settings and writes its table."""
 
+import os
 import re
 import subprocess
 import sys
@@ -20,12 +21,20 @@ def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
         "+ uint8 tensor data, index slices",
         "+ real and fake in one critic forward",
         "+ channels_last",
+        "+ the penalty on every 4th critic step only (lazy)",
         "wgan_gp.py defaults",
         f"wgan_gp.py defaults at {ROOT.name}",
-        "wgan_gp.py EMA on (--ema-decay 0.999)",
-        "wgan_gp.py lazy penalty (--gp-every 4)",
-    ]
+        "wgan_gp.py EMA on (--ema-halflife 10000)",
+        "wgan_gp.py the penalty on every critic step (--gp-every 1)",
+        "wgan_gp.py --compile",
+    ] + ["wgan_gp.py defaults on 1 core, 1 thread"] * (len(os.sched_getaffinity(0)) > 1)
     assert rows[0].split(" | ")[3] == "1.00x"
+    # FLOPs per step: the lazy rows (the script's CPU default among them) do the work of 5 forwards and 5 / 4 penalties
+    flops = {r.split(" | ")[0][2:]: r.split(" | ")[4] for r in rows}
+    full, lazy = float(flops["+ channels_last"]), float(flops["wgan_gp.py defaults"])
+    assert flops["+ the penalty on every 4th critic step only (lazy)"] == flops["wgan_gp.py defaults"]
+    assert 0.4 * full < lazy < 0.8 * full
+    assert float(flops["wgan_gp.py the penalty on every critic step (--gp-every 1)"]) == full
     for row in rows:
         steps_per_sec, images_per_sec = (float(v) for v in row.split(" | ")[1:3])
         assert steps_per_sec > 0 and images_per_sec > 0

@@ -143,7 +143,11 @@ def test_lazy_penalty_runs_on_every_kth_critic_step_weighted_by_k(script, tmp_pa
             e.value for e in EventAccumulator(str(tmp_path / "runs" / name)).Reload().Scalars("losses/gradient_penalty")
         ]
 
-    (paper,) = logged_penalties("--total-steps", "1")
+    (paper,) = logged_penalties("--total-steps", "1", "--gp-every", "1")
     lazy = logged_penalties("--total-steps", "2", "--gp-every", "2")
     # Step 1 is the same critic step in both runs, its penalty weighted by 2; step 2 skips the penalty.
     assert paper > 0 and math.isclose(lazy[0], 2 * paper, rel_tol=1e-6) and lazy[1] == 0
+    # The CPU's default: every 4th critic step in wgan_gp.py and cond_wgan_gp.py; every step in resnet_sn_wgan_gp.py.
+    k = 1 if script == "resnet_sn_wgan_gp" else 4
+    default = logged_penalties("--total-steps", "4")
+    assert math.isclose(default[0], k * paper, rel_tol=1e-6) and all((v == 0) == (k == 4) for v in default[1:])

@@ -41,6 +41,18 @@ def test_model_shapes(script, image_size, channels):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_widths_default_to_32_up_to_32_px_and_64_above(script):
+    module = load(script)
+    for size, width in [(16, 32), (32, 32), (64, 64), (128, 64)]:
+        args = module.Args(image_size=size)
+        module.check_args(args)
+        assert (args.g_width, args.d_width) == (width, width)
+    args = module.Args(g_width=48, d_width=16)  # given widths stay
+    module.check_args(args)
+    assert (args.g_width, args.d_width) == (48, 16)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_training_run_logs_finite_scalars_grids_and_checkpoint(script, trained):
     run_dir = trained(script)
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
@@ -149,6 +161,7 @@ BAD_INPUTS = {
     "negative lr": (["--lr-g", "-0.001"], r"--lr-g must be > 0 and finite, got -0.001"),
     "infinite lr": (["--lr-d", "inf"], r"--lr-d must be > 0 and finite, got inf"),
     "nan beta": (["--beta2", "nan"], r"--beta2 must be in \[0, 1\), got nan"),
+    "negative EMA half-life": (["--ema-halflife", "-5"], r"--ema-halflife must be >= 0 and finite, got -5.0"),
     "zero steps": (["--total-steps", "0"], r"--total-steps must be >= 1, got 0"),
     "unknown device": (["--device", "tpu9"], r"--device tpu9: "),
     "too few images": (["--max-images", "4"], r"the dataset has 4 images, fewer than one batch of 8"),
