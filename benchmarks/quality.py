@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py                     # every script present, seeds 1 2, 10-minute budget each
     python benchmarks/quality.py --scripts wgan_gp --ablations "critic-norm none=--critic-norm none" \
-        "critic-norm instance=--critic-norm instance" "no EMA=--ema-decay 0" "width 32=--g-width 32 --d-width 32"
+        "critic-norm instance=--critic-norm instance" "no EMA=--ema-halflife 0" "width 32=--g-width 32 --d-width 32"
 
 Protocol, per script and seed: train with the script's defaults for --fixed-steps generator steps
 (the "fixed steps" row: equal work), then resume the same run until --budget-minutes of wall time
@@ -77,7 +77,7 @@ class Args:
     num_images: int = 10000
     """images generated per checkpoint"""
     ablations: List[str] = field(default_factory=list)
-    """ablations as "label=flags", e.g. "no EMA=--ema-decay 0"; trained for --fixed-steps with every seed"""
+    """ablations as "label=flags", e.g. "no EMA=--ema-halflife 0"; trained for --fixed-steps with every seed"""
     ablation_scripts: List[str] = field(default_factory=lambda: ["wgan_gp"])
     """scripts the ablations are run for (those also in --scripts); each must accept the ablation flags"""
     ablations_only: bool = False
@@ -118,7 +118,7 @@ def check_args(args: Args) -> list:
     for spec in args.ablations:
         label, sep, flags = spec.partition("=")
         if not sep or not label.strip() or not flags.strip():
-            fail(f'ablation {spec!r} is not "label=flags", e.g. "no EMA=--ema-decay 0"')
+            fail(f'ablation {spec!r} is not "label=flags", e.g. "no EMA=--ema-halflife 0"')
         ablations.append((label.strip(), flags.strip()))
     if len({label for label, _ in ablations}) != len(ablations):
         fail("two ablations share a label")
@@ -353,7 +353,7 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
             # The same weights without their moving average: --generate falls back to the raw generator.
             raw_checkpoint = work / f"{script}-seed{seed}-raw" / "checkpoint.pt"
             raw_checkpoint.parent.mkdir()
-            args_raw = {**checkpoint["args"], "ema_decay": 0.0}  # the run's settings without its moving average
+            args_raw = {**checkpoint["args"], "ema_halflife": 0.0}  # the run's settings without its moving average
             torch.save({**checkpoint, "ema": None, "args": args_raw}, raw_checkpoint)
             raw_grid = assets / f"{script}-fashion-mnist-no-ema.png" if first else None
             add_row("budget-raw", "", "", seed, raw_checkpoint, steps, budget_wall, raw_grid)

@@ -14,7 +14,9 @@ large fp32 matmul timed in the same run.
 
 import contextlib
 import datetime
+import functools
 import importlib
+import os
 import platform
 import statistics
 import subprocess
@@ -62,7 +64,9 @@ class Args:
     peak_size: Optional[int] = None
     """side of the square matmul that measures the peak; default 8192 on CUDA, 4096 on CPU"""
     out_dir: str = str(ROOT / "benchmarks" / "results")
-    """where speed-<device>.md is written"""
+    """where speed-<device><suffix>.md is written"""
+    suffix: str = ""
+    """ends the table's file name, e.g. --suffix=-2-cores for speed-cpu-2-cores.md"""
     script_flags: str = ""
     """extra flags for every script run (the smoke test passes tiny widths)"""
     compare_dir: Optional[str] = None
@@ -80,6 +84,7 @@ class Levers:
     channels_last: bool = False
     bf16: bool = False
     compile: bool = False
+    gp_every: int = 1  # the penalty on every k-th critic step only, weighted by k (the scripts' --gp-every)
 
 
 def pil_loader(images: torch.Tensor, size: int, channels: int, batch_size: int):
@@ -134,8 +139,12 @@ def textbook_step_fn(
         def next_real():
             return next(batches).to(device).contiguous(memory_format=fmt)
 
+    critic_steps = []  # counts the critic steps, for the lazy penalty
+
     def step():
         for _ in range(5):
+            lazy_skip = len(critic_steps) % levers.gp_every != 0
+            critic_steps.append(1)
             real = next_real()
             z = torch.randn(batch_size, 128, device=device)
             with autocast:
@@ -143,7 +152,7 @@ def textbook_step_fn(
                     fake = generator_fwd(z)
                 if levers.one_forward:
                     d_real, d_fake = critic_fwd(torch.cat([real, fake])).float().chunk(2)
-                    gp = wgan_gp.gradient_penalty(critic, real, fake.float())
+                    gp = 0 if lazy_skip else levers.gp_every * wgan_gp.gradient_penalty(critic, real, fake.float())
                 else:  # the textbook penalty: its own forward on the interpolates
                     d_real, d_fake = critic_fwd(real).float(), critic_fwd(fake).float()
                     eps = torch.rand(batch_size, 1, 1, 1, device=device)
@@ -185,7 +194,8 @@ class GlobalOnly(contextlib.nullcontext):
     parents = {"Global"}
 
 
-def count_flops(step) -> float:
+def count_flops(step, steps: int = 1) -> float:
+    """FLOPs per step, averaged over `steps` steps (a lazy penalty every k-th critic step repeats every k steps)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -193,8 +203,9 @@ def count_flops(step) -> float:
     # only the total is needed, so every FLOP is booked to "Global".
     counter.mod_tracker = GlobalOnly()
     with counter:
-        step()
-    return counter.get_total_flops()
+        for _ in range(steps):
+            step()
+    return counter.get_total_flops() / steps
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, size: Optional[int]) -> float:
@@ -220,9 +231,11 @@ def script_seconds_per_step(
     workdir: Path,
     name: str,
     root: Path = ROOT,
+    cores: Optional[int] = None,
 ) -> tuple:
-    """Median seconds per generator step of a script's own loop, and its critic steps per generator step. Only
-    flags that every version of the scripts takes: the run goes to <workdir>/runs/<name>."""
+    """Median seconds per generator step of a script's own loop, and the run's settings (its checkpoint's args). Only
+    flags that every version of the scripts takes: the run goes to <workdir>/runs/<name>. `cores`: run it on the first
+    that many of this process's cores, one thread each."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     command = [
@@ -232,36 +245,46 @@ def script_seconds_per_step(
         "--run-name", name, "--g-width", str(args.width), "--d-width", str(args.width),
         *args.script_flags.split(), *flags,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+    env, pin = dict(os.environ), None
+    if cores:
+        env["OMP_NUM_THREADS"] = str(cores)
+        pin = functools.partial(os.sched_setaffinity, 0, sorted(os.sched_getaffinity(0))[:cores])
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir, env=env, preexec_fn=pin)
     run_dir = workdir / "runs" / name
     if result.returncode != 0:
         raise SystemExit(f"error: {script}.py {' '.join(flags)} failed: {result.stderr.strip().splitlines()[-1]}")
-    n_critic = torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"].get(
-        "n_critic", 1
-    )  # real batches per step
+    settings = torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"]
+    n_critic = settings.get("n_critic", 1)  # real batches per step
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     rates = [e.value for e in events.Scalars("charts/images_per_sec")][args.warmup :]
-    return n_critic * args.batch_size / statistics.median(rates), n_critic
+    return n_critic * args.batch_size / statistics.median(rates), settings
 
 
 def script_levers(script: str, device: torch.device) -> List[tuple]:
-    """Rows per script: its defaults, then one flag changed per row. The EMA and lazy-penalty levers
-    cost the same in every script, so they are timed once, in the cheaper loops."""
+    """Rows per script as (label, flags, cores): its defaults, then one change per row. The EMA, lazy-penalty,
+    compile and thread levers cost alike in every script, so on the CPU they are timed in the cheaper loops only."""
     script_args = importlib.import_module(script).Args()
-    rows = [("defaults", [])]
+    rows = [("defaults", [], None)]
     if script in ("wgan_gp", "dcgan"):
-        if script_args.ema_decay > 0:
-            rows += [("EMA off (--ema-decay 0)", ["--ema-decay", "0"])]
+        if script_args.ema_halflife > 0:
+            rows += [("EMA off (--ema-halflife 0)", ["--ema-halflife", "0"], None)]
         else:
-            rows += [("EMA on (--ema-decay 0.999)", ["--ema-decay", "0.999"])]
-    if script == "wgan_gp":
-        rows += [("lazy penalty (--gp-every 4)", ["--gp-every", "4"])]
+            rows += [("EMA on (--ema-halflife 10000)", ["--ema-halflife", "10000"], None)]
+    if script == "wgan_gp" and device.type == "cpu":  # the lazy penalty is the CPU's default
+        rows += [("the penalty on every critic step (--gp-every 1)", ["--gp-every", "1"], None)]
+    if script == "wgan_gp" and device.type == "cuda":
+        rows += [("lazy penalty (--gp-every 4)", ["--gp-every", "4"], None)]
     if script == "cond_wgan_gp":
-        rows += [("concat critic", ["--critic-cond", "concat"]), ("AC loss (--lambda-ac 1)", ["--lambda-ac", "1"])]
+        rows += [("concat critic", ["--critic-cond", "concat"], None)]
+        rows += [("AC loss (--lambda-ac 1)", ["--lambda-ac", "1"], None)]
     if script == "resnet_sn_wgan_gp":
-        rows += [("critic spectral norm off", ["--no-critic-spectral-norm"])]
+        rows += [("critic spectral norm off", ["--no-critic-spectral-norm"], None)]
     if device.type == "cuda":
-        rows += [("fp32 (--precision fp32)", ["--precision", "fp32"]), ("--compile", ["--compile"])]
+        rows += [("fp32 (--precision fp32)", ["--precision", "fp32"], None)]
+    if device.type == "cuda" or script in ("wgan_gp", "dcgan"):
+        rows += [("--compile", ["--compile"], None)]
+    if device.type == "cpu" and script in ("wgan_gp", "dcgan") and len(os.sched_getaffinity(0)) > 1:
+        rows += [("defaults on 1 core, 1 thread", [], 1)]
     return rows
 
 
@@ -281,17 +304,20 @@ def measure(device: torch.device, size: int, channels: int, args: Args, raw: tor
     steps.append(("+ uint8 tensor data, index slices", Levers(tensor_data=True)))
     steps.append(("+ real and fake in one critic forward", Levers(tensor_data=True, one_forward=True)))
     steps.append(("+ channels_last", Levers(tensor_data=True, one_forward=True, channels_last=True)))
+    lazy = Levers(tensor_data=True, one_forward=True, channels_last=True, gp_every=4)
+    steps.append(("+ the penalty on every 4th critic step only (lazy)", lazy))
     if device.type == "cuda":
         steps.append(("+ bf16 autocast", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True)))
         steps.append(
             ("+ torch.compile", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True, compile=True))
         )
     rows = []
-    flops = count_flops(
-        textbook_step_fn(
-            Levers(tensor_data=True, one_forward=True), size, channels, args.batch_size, args.width, device, raw
-        )
-    )
+
+    def flops_of(gp_every: int) -> float:  # the textbook step's FLOPs, which fit wgan_gp.py's own step
+        levers = Levers(tensor_data=True, one_forward=True, gp_every=gp_every)
+        return count_flops(textbook_step_fn(levers, size, channels, args.batch_size, args.width, device, raw), gp_every)
+
+    flops = {1: flops_of(1), 4: flops_of(4)}
     for label, levers in steps:
         print(f"[{device}] {size}x{channels} {label}", flush=True)
         seconds = time_steps(
@@ -300,26 +326,29 @@ def measure(device: torch.device, size: int, channels: int, args: Args, raw: tor
             args.warmup,
             device,
         )
-        rows.append({"config": label, "seconds": seconds, "flops": flops, "bf16": levers.bf16, "n_critic": 5})
+        print(f"    {1 / seconds:.3f} steps/s", flush=True)
+        row_flops = flops.get(levers.gp_every)
+        rows.append({"config": label, "seconds": seconds, "flops": row_flops, "bf16": levers.bf16, "n_critic": 5})
     for script in scripts_at(f"{size}x{channels}", args):
-        levers = [(label, flags, ROOT) for label, flags in script_levers(script, device)]
+        levers = [(label, flags, cores, ROOT) for label, flags, cores in script_levers(script, device)]
         if args.compare_dir:  # the other checkout's defaults, right after this one's
-            levers.insert(1, (f"defaults at {Path(args.compare_dir).resolve().name}", [], Path(args.compare_dir)))
-        for label, flags, root in levers:
+            levers.insert(1, (f"defaults at {Path(args.compare_dir).resolve().name}", [], None, Path(args.compare_dir)))
+        for label, flags, cores, root in levers:
             print(f"[{device}] {size}x{channels} {script}.py {label}", flush=True)
             name = f"{script}-{size}x{channels}-{device.type}-{len(rows)}"
-            seconds, n_critic = script_seconds_per_step(
-                script, flags, args, size, channels, device, workdir, name, root
+            seconds, settings = script_seconds_per_step(
+                script, flags, args, size, channels, device, workdir, name, root, cores
             )
+            print(f"    {1 / seconds:.3f} steps/s", flush=True)
             bf16 = device.type == "cuda" and "fp32" not in flags  # the scripts' default precision on CUDA
-            # The textbook step's FLOP count fits wgan_gp.py's own step, not one that skips penalties.
+            row_flops = flops.get(settings.get("gp_every", 1)) if script == "wgan_gp" else None
             rows.append(
                 {
                     "config": f"{script}.py {label}",
                     "seconds": seconds,
-                    "flops": flops if script == "wgan_gp" and "--gp-every" not in flags else None,
+                    "flops": row_flops,
                     "bf16": bf16,
-                    "n_critic": n_critic,
+                    "n_critic": settings.get("n_critic", 1),
                 }
             )
     return rows
@@ -357,7 +386,7 @@ def write_table(device: torch.device, results: dict, peaks: dict, args: Args) ->
         ]
         for row in rows:
             steps_per_sec = 1 / row["seconds"]
-            flops = f"{row['flops'] / 1e9:.1f}" if row["flops"] else "—"
+            flops = f"{row['flops'] / 1e9:.3g}" if row["flops"] else "—"
             peak = peaks["bf16" if row["bf16"] else "fp32"]
             fraction = f"{100 * row['flops'] * steps_per_sec / peak:.1f}" if row["flops"] else "—"
             images = steps_per_sec * row["n_critic"] * args.batch_size
@@ -366,7 +395,7 @@ def write_table(device: torch.device, results: dict, peaks: dict, args: Args) ->
                 f"| {flops} | {fraction} |"
             )
         lines.append("")
-    path = Path(args.out_dir) / f"speed-{device.type}.md"
+    path = Path(args.out_dir) / f"speed-{device.type}{args.suffix}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
