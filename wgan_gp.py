@@ -65,7 +65,7 @@ class Args:
     max_images: Optional[int] = None
     """use only the first N images (64 with batch size 64 trains on one batch: a sanity check)"""
     total_steps: int = 15000
-    """generator steps to train for; the default takes about 50 minutes on 2 CPU cores (README)"""
+    """generator steps to train for (what they cost on a CPU and when the first grids come: README)"""
     batch_size: int = 64
     """images per critic step and per generator step, per process under torchrun"""
     latent_dim: int = 128

@@ -1,8 +1,8 @@
 """Sample quality of the GAN scripts on Fashion-MNIST, measured offline against benchmarks/classifier.pt.
 
     python benchmarks/quality.py                     # every script present, seeds 1 2, 10-minute budget each
-    python benchmarks/quality.py --scripts wgan_gp --ablations "critic-norm none=--critic-norm none" \
-        "critic-norm instance=--critic-norm instance" "no EMA=--ema-halflife 0" "width 32=--g-width 32 --d-width 32"
+    python benchmarks/quality.py --scripts wgan_gp --ablations "paper penalty=--gp-every 1" \
+        "EMA=--ema-halflife 10000" "width 64=--g-width 64 --d-width 64"
 
 Protocol, per script and seed: train with the script's defaults for --fixed-steps generator steps
 (the "fixed steps" row: equal work), then resume the same run until --budget-minutes of wall time

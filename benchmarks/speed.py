@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import functools
 import importlib
+import itertools
 import os
 import platform
 import statistics
@@ -139,12 +140,11 @@ def textbook_step_fn(
         def next_real():
             return next(batches).to(device).contiguous(memory_format=fmt)
 
-    critic_steps = []  # counts the critic steps, for the lazy penalty
+    critic_steps = itertools.count()  # numbers the critic steps, for the lazy penalty
 
     def step():
         for _ in range(5):
-            lazy_skip = len(critic_steps) % levers.gp_every != 0
-            critic_steps.append(1)
+            lazy_skip = next(critic_steps) % levers.gp_every != 0
             real = next_real()
             z = torch.randn(batch_size, 128, device=device)
             with autocast:
