@@ -66,10 +66,10 @@ class Args:
     """1 (grayscale) or 3 (RGB); default follows the data"""
     max_images: Optional[int] = None
     """use only the first N images (64 with batch size 64 trains on one batch: a sanity check)"""
-    total_steps: int = 15000
+    total_steps: int = 30000
     """generator steps to train for (what they cost on a CPU and when the first grids come: README)"""
-    batch_size: int = 64
-    """images per critic step and per generator step, per process under torchrun"""
+    batch_size: Optional[int] = None
+    """images per critic step and per generator step, per process (torchrun); default 32 on CPU (README), 64 on GPU"""
     latent_dim: int = 128
     """size of the noise vector z"""
     lr_g: float = 1e-4
@@ -266,9 +266,8 @@ def decode_files(files: list, size: int, channels: int) -> tuple:
 def batch_indices(n: int, batch_size: int, seed: int, start: int, rank: int = 0, world_size: int = 1):
     """Batches of indices from number `start` on; epoch e is a permutation seeded by (seed, e), so a resumed run
     draws what a straight one would. Under torchrun each process takes its slice of the job's batch."""
-    per_epoch = n // (batch_size * world_size)  # the last partial batch is dropped
     for k in itertools.count(start):
-        epoch, i = divmod(k, per_epoch)
+        epoch, i = divmod(k, n // (batch_size * world_size))  # the last partial batch of an epoch is dropped
         if k == start or i == 0:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         yield order[(i * world_size + rank) * batch_size :][:batch_size]
@@ -304,6 +303,8 @@ def check_args(args: Args) -> None:
         for name in names.split():
             if not ok(getattr(args, name)):
                 fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")  # CPU defaults: README
+    args.batch_size, args.gp_every = args.batch_size or (64 if cuda else 32), args.gp_every or (1 if cuda else 4)
 
 
 def setup_device(name: Optional[str]) -> tuple:
@@ -408,7 +409,6 @@ if __name__ == "__main__":
         auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         amp_dtype = {"auto": auto, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    args.gp_every = args.gp_every or (1 if cuda else 4)  # on the CPU 1.5x the steps, as good per step (README)
     fmt = torch.channels_last  # (B, H, W, C) in memory: faster convolutions on GPUs and on the CPU too (README)
     k, classify = len(classes), args.lambda_ac > 0  # the number of classes; whether the critic has AC-GAN's head
     generator = Generator(args.latent_dim, args.channels, args.image_size, args.g_width, k, args.embed_dim)

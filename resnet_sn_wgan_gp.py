@@ -242,9 +242,8 @@ def decode_files(files: list, size: int, channels: int) -> tuple:
 def batch_indices(n: int, batch_size: int, seed: int, start: int, rank: int = 0, world_size: int = 1):
     """Batches of indices from number `start` on; epoch e is a permutation seeded by (seed, e), so a resumed run
     draws what a straight one would. Under torchrun each process takes its slice of the job's batch."""
-    per_epoch = n // (batch_size * world_size)  # the last partial batch is dropped
     for k in itertools.count(start):
-        epoch, i = divmod(k, per_epoch)
+        epoch, i = divmod(k, n // (batch_size * world_size))  # the last partial batch of an epoch is dropped
         if k == start or i == 0:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         yield order[(i * world_size + rank) * batch_size :][:batch_size]

@@ -78,6 +78,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     rows = {row["kind"]: row for row in stored["scripts"]["wgan_gp"]["rows"]}
     assert set(rows) == {"fixed", "budget", "budget-raw", "ablation"}
     assert rows["budget-raw"]["steps"] == rows["budget"]["steps"]  # the same checkpoint, sampled without its EMA
+    assert rows["budget-raw"]["fd"] != rows["budget"]["fd"]  # and the two samples differ: each generator drew its own
     for row in rows.values():
         assert math.isfinite(row["fd"]) and row["fd"] > stored["floor"]["fd"]
         assert 0 <= row["kl"] <= math.log(10) + 1e-9 and row["cond_acc"] is None

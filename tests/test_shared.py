@@ -53,6 +53,21 @@ def test_widths_default_to_32_up_to_32_px_and_64_above(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_cpu_runs_batches_of_32_and_the_lazy_penalty_where_they_trained_better(script):
+    # wgan_gp.py and cond_wgan_gp.py: batch 32 and --gp-every 4 on the CPU (README), the paper's 64 and 1 on a GPU.
+    module, changed = load(script), script in ("wgan_gp", "cond_wgan_gp")
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    for device, kind in [("cpu", "cpu"), ("cuda:1", "cuda"), (None, here)]:
+        args = module.Args(device=device)
+        module.check_args(args)  # no GPU needed: the device is only named here
+        expected = (32, 4) if changed and kind == "cpu" else (64, 1)
+        assert (args.batch_size, getattr(args, "gp_every", 1)) == expected, device
+    args = module.Args(device="cpu", batch_size=48)  # a given batch size stays
+    module.check_args(args)
+    assert args.batch_size == 48
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_training_run_logs_finite_scalars_grids_and_checkpoint(script, trained):
     run_dir = trained(script)
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
