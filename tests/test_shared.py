@@ -57,7 +57,7 @@ def test_cpu_runs_batches_of_32_and_the_lazy_penalty_where_they_trained_better(s
     # wgan_gp.py and cond_wgan_gp.py: batch 32 and --gp-every 4 on the CPU (README), the paper's 64 and 1 on a GPU.
     module, changed = load(script), script in ("wgan_gp", "cond_wgan_gp")
     here = "cuda" if torch.cuda.is_available() else "cpu"
-    for device, kind in [("cpu", "cpu"), ("cuda:1", "cuda"), (None, here)]:
+    for device, kind in [("cpu", "cpu"), ("cuda:1", "cuda"), (None, here), ("", here)]:  # "": unset, as setup_device
         args = module.Args(device=device)
         module.check_args(args)  # no GPU needed: the device is only named here
         expected = (32, 4) if changed and kind == "cpu" else (64, 1)
