@@ -391,7 +391,7 @@ if __name__ == "__main__":
             real = images[next(batches).to(device)].contiguous(memory_format=fmt).float() / 127.5 - 1
             with autocast:  # the fakes keep their graph: the generator step below reuses them
                 fake = generator_fwd(torch.randn(args.batch_size, args.latent_dim, device=device))
-                real_logits = discriminator_fwd(add_noise(real, noise_std)).float()  # not with fakes: BN mixes a batch
+                real_logits = discriminator_fwd(add_noise(real, noise_std)).float()  # alone: batch norm mixes a batch
                 fake_logits = discriminator_fwd(add_noise(fake.detach(), noise_std)).float()  # detach: trains D only
                 targets = torch.empty_like(real_logits).uniform_(args.real_label[0], args.real_label[-1])
                 d_loss = discriminator_loss(real_logits, fake_logits, targets)

@@ -229,7 +229,7 @@ def check_args(args: Args) -> None:
         for name in names.split():
             if not ok(getattr(args, name)):
                 fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    cuda = torch.cuda.is_available() if not args.device else args.device.startswith("cuda")  # CPU defaults: README
+    cuda = torch.cuda.is_available() if not args.device else args.device.startswith("cuda")  # CPU: more steps a minute
     args.batch_size, args.gp_every = args.batch_size or (64 if cuda else 32), args.gp_every or (1 if cuda else 4)
 
 

@@ -93,6 +93,22 @@ def test_training_run_logs_finite_scalars_grids_and_checkpoint(script, trained):
     assert not list(run_dir.glob("*.tmp"))
 
 
+def test_ema_halflife_sets_the_decay_per_step_from_the_images_a_step_sees(tmp_path):
+    # Batch 8 and a half-life of 2 images: decay 0.5 ** (8 / 2) = 0.0625 per step, under the warm-up's cap of 1/10 at
+    # step 0, so after one step the average has moved 1 - 0.0625 of the way from the initial to the trained weights.
+    module = load(SHARED_SCRIPT)
+    flags = [*tiny(SHARED_SCRIPT), "--ema-halflife", "2", "--seed", "1", "--total-steps", "1", "--run-name", "ema"]
+    result = run(SHARED_SCRIPT, *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "runs/ema/checkpoint.pt")
+    torch.manual_seed(1)  # the script seeds the same way right before it builds the generator
+    start = module.Generator(128, 1, 32, 8).state_dict()
+    for name, ema in ckpt["ema"].items():
+        if name.endswith("weight") and ema.dim() > 1:  # the conv weights: each moved 1 - decay of the way
+            trained, initial = ckpt["generator"][name], start[name]
+            torch.testing.assert_close(ema, initial + (1 - 0.5**4) * (trained - initial), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_is_bit_identical(script, tmp_path):
     common = [*tiny(script), "--log-every", "1", "--sample-every", "100"]
