@@ -41,7 +41,7 @@ class Args:
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default cuda when available, else cpu (under torchrun: cuda:<local rank>)"""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """CUDA autocast dtype: auto is bf16 where the GPU has it, else fp16 with a GradScaler; the CPU runs fp32"""
+    """autocast dtype; auto: bf16 where the device has it natively, else fp16 (GPU, with a GradScaler) or fp32 (CPU)"""
     compile: bool = False
     """compile the forward passes of both networks with torch.compile (the first steps are slow)"""
     log_every: int = 50
@@ -240,29 +240,33 @@ def check_args(args: Args) -> None:
                 fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
 
 
-def setup_device(name: Optional[str]) -> tuple:
-    """(device, rank, world_size); under torchrun (it sets WORLD_SIZE) joins the group; bare cuda is cuda:LOCAL_RANK."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def setup_device(args: Args) -> tuple:
+    """(device, rank, world_size); joins torchrun's group (it sets WORLD_SIZE); resolves --precision auto (README)."""
+    try:  # bare cuda is cuda:LOCAL_RANK
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda":  # raises where there is no such GPU
             torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
             device = torch.device("cuda", torch.cuda.current_device())
     except (RuntimeError, AssertionError) as e:
-        fail(f"--device {name}: {next(iter(str(e).splitlines()), '')}")
+        fail(f"--device {args.device}: {next(iter(str(e).splitlines()), '')}")
     if device.type not in ("cpu", "cuda"):
-        fail(f"--device {name}: this script runs on cpu or cuda")
+        fail(f"--device {args.device}: this script runs on cpu or cuda")
+    cuda = device.type == "cuda"  # GPUs before Ampere only emulate bf16; torch.cpu's checks are private (fp32 without)
+    cpu_bf16 = any(getattr(torch.cpu, f"_is_{n}_supported", lambda: False)() for n in ("avx512_bf16", "amx_tile"))
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else cpu_bf16
+    args.precision = ("bf16" if bf16 else "fp16" if cuda else "fp32") if args.precision == "auto" else args.precision
     if device.type == "cpu" and sys.platform == "linux":  # glibc returns freed blocks over 128 KB to the OS, so a
         libc = ctypes.CDLL(None)  # step's activations would fault in anew every step (10% of a CPU step): keep them
         libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 1 << 30)  # M_MMAP_THRESHOLD (its maximum), M_TRIM_THRESHOLD
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return device, 0, 1
-    cuda = device.type == "cuda"
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def optimizer_step(loss: torch.Tensor, optimizer, scaler, module: nn.Module, world_size: int) -> None:
-    """Backward (scaled under fp16), average the gradients over all processes, step (skipped on fp16 overflow)."""
+def optimizer_step(loss, optimizer, scaler, module: nn.Module, world_size: int, sums, logged: list) -> None:
+    """Backward (scaled under fp16), average the gradients over all processes, step; add the `logged` losses to sums[0]
+    and 1 to their counts sums[1], unless fp16's scaler skipped the step (its gradients overflowed): on the device."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -271,8 +275,11 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, module: nn.Module, wor
         torch.distributed.all_reduce(flat)  # a sum: a non-finite fp16 gradient reaches all, and all skip the step
         for g, chunk in zip(grads, flat.div_(world_size).split([g.numel() for g in grads])):
             g.copy_(chunk.view_as(g))
+    scale = scaler.scale(torch.ones((), device=loss.device))  # a tensor (get_scale() syncs), halved on a skip:
     scaler.step(optimizer)
     scaler.update()
+    logged = torch.stack(logged).detach().float()
+    sums += torch.stack([logged, torch.ones_like(logged)]).where(scaler.scale(torch.ones_like(scale)) >= scale, 0)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -283,8 +290,7 @@ def load_checkpoint(path: str) -> dict:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {next(iter(str(e).splitlines()), '')})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND or "reals" not in ckpt:
         fail(f"{path} is not a checkpoint of this version of {CHECKPOINT_KIND}.py")
-    ckpt["args"] = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
-    return ckpt
+    return ckpt | {"args": Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})}
 
 
 def write_atomic(path: Path, data) -> None:
@@ -321,7 +327,7 @@ if __name__ == "__main__":
     if ckpt:  # the run's saved settings; the flags given now override them
         args = tyro.cli(Args, default=dataclasses.replace(ckpt["args"], resume=args.resume, generate=args.generate))
     check_args(args)
-    device, rank, world_size = setup_device(args.device)
+    device, rank, world_size = setup_device(args)
     if not args.generate:  # before anything is written: bad data leaves nothing behind
         images, labels, classes, files = load_dataset(args)
     if ckpt and args.run_name != ckpt["args"].run_name:
@@ -329,11 +335,8 @@ if __name__ == "__main__":
     args.run_name = args.run_name or f"{args.dataset}__{Path(__file__).stem}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume or args.generate).parent if ckpt else Path("runs", args.run_name)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    cuda, amp_dtype = device.type == "cuda", None  # the CPU runs fp32: bf16 convolutions are slower there without AMX
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # picks the fastest conv algorithms for our fixed shapes
-        auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        amp_dtype = {"auto": auto, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # picks the fastest conv algorithms for our fixed shapes
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]  # None: autocast off
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     fmt = torch.channels_last  # (B, H, W, C) in memory: faster convolutions on GPUs and on the CPU too (README)
     generator = Generator(args.latent_dim, args.channels, args.image_size, args.g_width, args.g_leaky)
@@ -342,7 +345,7 @@ if __name__ == "__main__":
     ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema_halflife > 0 else None
     sampler = ema if ema is not None else generator  # draws the grids: the moving average when there is one
     generator_fwd, discriminator_fwd = (torch.compile(m) if args.compile else m for m in (generator, discriminator))
-    adam = {"betas": (args.beta1, args.beta2), "fused": cuda}  # fused: one kernel per update
+    adam = {"betas": (args.beta1, args.beta2), "fused": device.type == "cuda"}  # fused: one kernel per update
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, **adam)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, **adam)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one for both: PyTorch's recipe
@@ -379,11 +382,11 @@ if __name__ == "__main__":
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))
     stop_group = torch.distributed.new_group(backend="gloo") if world_size > 1 else None  # CPU flags, also under NCCL
     images, labels = images.to(device), labels.to(device)  # on a GPU, batches become index slices in its memory
-    step = logged_step = ckpt["step"] if ckpt else 0
-    logged_time, stopping = time.perf_counter(), False
+    step = log_step = ckpt["step"] if ckpt else 0
+    log_time, stopping = time.perf_counter(), False
     batches = batch_indices(len(images), args.batch_size, args.seed, step, rank, world_size)  # one batch a step
-    loss_names = ["losses/discriminator", "losses/generator", "charts/d_real", "charts/d_fake"]
-    loss_sums = torch.zeros(len(loss_names), device=device)  # summed on the device, read every log_every steps
+    loss_names = ["losses/discriminator", "charts/d_real", "charts/d_fake", "losses/generator"]
+    loss_sums = torch.zeros(2, len(loss_names), device=device)  # sums and counts on the device, read every log_every
     with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank > 0) as progress:
         while step < args.total_steps and not stopping:
             torch.manual_seed(hash((args.seed, rank, step)))  # step k draws from (seed, rank, k): resumed or not
@@ -395,18 +398,17 @@ if __name__ == "__main__":
                 fake_logits = discriminator_fwd(add_noise(fake.detach(), noise_std)).float()  # detach: trains D only
                 targets = torch.empty_like(real_logits).uniform_(args.real_label[0], args.real_label[-1])
                 d_loss = discriminator_loss(real_logits, fake_logits, targets)
-            optimizer_step(d_loss, opt_d, scaler, discriminator, world_size)
+            d_real, d_fake = real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()  # before the D step
+            optimizer_step(d_loss, opt_d, scaler, discriminator, world_size, loss_sums[:, :3], [d_loss, d_real, d_fake])
             discriminator.requires_grad_(False)  # the generator step needs gradients through D, not of its weights
             with autocast:
                 g_loss = generator_loss(discriminator_fwd(add_noise(fake, noise_std)).float())
-            optimizer_step(g_loss, opt_g, scaler, generator, world_size)
+            optimizer_step(g_loss, opt_g, scaler, generator, world_size, loss_sums[:, 3:], [g_loss])
             discriminator.requires_grad_(True)
             if ema is not None:  # weights of ema_halflife images ago count half; the warm-up lets early ones fade fast
                 decay = min(0.5 ** (args.batch_size * world_size / args.ema_halflife), (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(ema.parameters()), list(generator.parameters()), 1 - decay)
                 torch._foreach_copy_(list(ema.buffers()), list(generator.buffers()))  # batch-norm running statistics
-            d_real, d_fake = real_logits.sigmoid().mean(), fake_logits.sigmoid().mean()  # before the D step
-            loss_sums += torch.stack([d_loss, g_loss, d_real, d_fake]).detach()
             step += 1
             progress.update(1)
             stop = torch.tensor(float(bool(stop_signal)))
@@ -415,26 +417,25 @@ if __name__ == "__main__":
             stopping = bool(stop)
             save = step % args.sample_every == 0 or step == args.total_steps or stopping
             if rank == 0 and (save or step % args.log_every == 0):  # a checkpoint is only written after this check
-                values = (loss_sums / (step - logged_step)).tolist()  # the one sync point of the interval
-                if not (math.isfinite(sum(values)) and all(p.isfinite().all() for p in sampler.parameters())):
+                values, counts = torch.stack([loss_sums[0] / loss_sums[1], loss_sums[1]]).tolist()  # the one sync point
+                finite = all(math.isfinite(v) for v, n in zip(values, counts) if n) and scaler.get_scale() >= 1
+                if not (finite and all(p.to(amp_dtype or p.dtype).isfinite().all() for p in sampler.parameters())):
                     last = run_dir / "checkpoint.pt"  # written only after this check passed: its step was good
                     kept = f"{last} keeps the last good step" if last.exists() else "no checkpoint was written"
                     fail(f"training diverged at step {step} (a loss or weight is not finite); {kept}")
-                seconds, logged_time = time.perf_counter() - logged_time, time.perf_counter()
-                values.append((step - logged_step) * args.batch_size * world_size / seconds)
+                values.append((step - log_step) * args.batch_size * world_size / (time.perf_counter() - log_time))
                 for name, value in zip(loss_names + ["charts/images_per_sec"], values):
-                    writer.add_scalar(name, value, step)
-                progress.set_postfix(disc=f"{values[0]:.3f}", gen=f"{values[1]:.3f}", d_real=f"{values[2]:.2f}")
+                    if math.isfinite(value):  # NaN: fp16's scaler skipped every step of the interval (n = 0)
+                        writer.add_scalar(name, value, step)
+                progress.set_postfix(disc=f"{values[0]:.3f}", gen=f"{values[3]:.3f}", d_real=f"{values[1]:.2f}")
                 loss_sums.zero_()
-                logged_step = step
+                log_step, log_time = step, time.perf_counter()
             if rank == 0 and save:
-                with torch.no_grad():  # the grids (fixed noise; beside real images; all as a GIF), the checkpoint
+                with torch.no_grad():  # the grids (fixed noise; beside real images), the checkpoint
                     grid = save_png(samples := sampler.eval()(fixed_noise), run_dir / f"samples/{step:07d}.png")
                     save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
                 writer.add_image("samples/fixed_noise", grid, step)
                 generator.train()
-                frames = [TF.to_pil_image(torchvision.io.decode_image(p)) for p in sorted(run_dir.glob("samples/*"))]
-                frames[0].save(run_dir / "progress.gif", save_all=True, append_images=frames[1:], duration=300, loop=0)
                 state = {key: obj.state_dict() if obj is not None else None for key, obj in stateful.items()}
                 state.update(kind=CHECKPOINT_KIND, args=dataclasses.asdict(args), step=step, reals=reals)
                 write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, state))  # whole, or the old stays

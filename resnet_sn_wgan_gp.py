@@ -42,7 +42,7 @@ class Args:
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default cuda when available, else cpu (under torchrun: cuda:<local rank>)"""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """CUDA autocast dtype: auto is bf16 where the GPU has it, else fp16 with a GradScaler; the CPU runs fp32"""
+    """autocast dtype; auto: bf16 where the device has it natively, else fp16 (GPU, with a GradScaler) or fp32 (CPU)"""
     compile: bool = False
     """compile the forward passes of both networks with torch.compile (the first steps are slow)"""
     log_every: int = 50
@@ -166,17 +166,17 @@ class Critic(nn.Sequential):
 
 
 # Loss: the critic minimises E[D(x~)] - E[D(x)] + lambda * GP, the generator -E[D(x~)] (in the training loop).
-def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, eps=None, scale: float = 1.0) -> torch.Tensor:
-    """GP = E_x^[(||grad_x^ D(x^)||_2 - 1)^2] with x^ = eps * x + (1 - eps) * x~, eps ~ U[0, 1] per sample.
-    `scale` multiplies the scores before the gradient and divides it out after: PyTorch's AMP recipe for a
-    gradient penalty under fp16, where the unscaled inner gradient would underflow."""
+def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, eps=None, scale=lambda t: t) -> torch.Tensor:
+    """GP = E_x^[(||grad_x^ D(x^)||_2 - 1)^2] with x^ = eps * x + (1 - eps) * x~, eps ~ U[0, 1] per sample. `scale`
+    is fp16's GradScaler.scale: PyTorch's AMP recipe scales the mean score, so that its gradient does not underflow in
+    fp16, and unscales that gradient; a score's share, loss scale / B, stays far below fp16's maximum of 65504."""
     if eps is None:
         eps = torch.rand(real.size(0), 1, 1, 1, device=real.device)  # (B, 1, 1, 1): one mix per sample
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
     # create_graph: the penalty is a function of the critic's weights, trained through its own gradient
-    (grad,) = torch.autograd.grad(critic(x_hat).float().sum() * scale, x_hat, create_graph=True)
-    grad = grad.float() / scale
-    norm = torch.sqrt(grad.flatten(1).pow(2).sum(1) + 1e-12)  # (B,): over all pixels of a sample; finite d/dgrad at 0
+    (grad,) = torch.autograd.grad(scale(score := critic(x_hat).float().mean()), x_hat, create_graph=True)
+    grad = grad * (len(x_hat) / scale(torch.ones_like(score)))  # fp32 like x^: sample i's gradient of D(x^_i)
+    norm = torch.sqrt(grad.flatten(1).pow(2).sum(1) + 1e-12)  # (B,) in fp32, over all pixels; finite d/dgrad at 0
     return (norm - 1).pow(2).mean()
 
 
@@ -277,29 +277,33 @@ def check_args(args: Args) -> None:
                 fail(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
 
 
-def setup_device(name: Optional[str]) -> tuple:
-    """(device, rank, world_size); under torchrun (it sets WORLD_SIZE) joins the group; bare cuda is cuda:LOCAL_RANK."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def setup_device(args: Args) -> tuple:
+    """(device, rank, world_size); joins torchrun's group (it sets WORLD_SIZE); resolves --precision auto (README)."""
+    try:  # bare cuda is cuda:LOCAL_RANK
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda":  # raises where there is no such GPU
             torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
             device = torch.device("cuda", torch.cuda.current_device())
     except (RuntimeError, AssertionError) as e:
-        fail(f"--device {name}: {next(iter(str(e).splitlines()), '')}")
+        fail(f"--device {args.device}: {next(iter(str(e).splitlines()), '')}")
     if device.type not in ("cpu", "cuda"):
-        fail(f"--device {name}: this script runs on cpu or cuda")
+        fail(f"--device {args.device}: this script runs on cpu or cuda")
+    cuda = device.type == "cuda"  # GPUs before Ampere only emulate bf16; torch.cpu's checks are private (fp32 without)
+    cpu_bf16 = any(getattr(torch.cpu, f"_is_{n}_supported", lambda: False)() for n in ("avx512_bf16", "amx_tile"))
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else cpu_bf16
+    args.precision = ("bf16" if bf16 else "fp16" if cuda else "fp32") if args.precision == "auto" else args.precision
     if device.type == "cpu" and sys.platform == "linux":  # glibc returns freed blocks over 128 KB to the OS, so a
         libc = ctypes.CDLL(None)  # step's activations would fault in anew every step (10% of a CPU step): keep them
         libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 1 << 30)  # M_MMAP_THRESHOLD (its maximum), M_TRIM_THRESHOLD
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return device, 0, 1
-    cuda = device.type == "cuda"
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def optimizer_step(loss: torch.Tensor, optimizer, scaler, module: nn.Module, world_size: int) -> None:
-    """Backward (scaled under fp16), average the gradients over all processes, step (skipped on fp16 overflow)."""
+def optimizer_step(loss, optimizer, scaler, module: nn.Module, world_size: int, sums, logged: list) -> None:
+    """Backward (scaled under fp16), average the gradients over all processes, step; add the `logged` losses to sums[0]
+    and 1 to their counts sums[1], unless fp16's scaler skipped the step (its gradients overflowed): on the device."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -308,8 +312,11 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, module: nn.Module, wor
         torch.distributed.all_reduce(flat)  # a sum: a non-finite fp16 gradient reaches all, and all skip the step
         for g, chunk in zip(grads, flat.div_(world_size).split([g.numel() for g in grads])):
             g.copy_(chunk.view_as(g))
+    scale = scaler.scale(torch.ones((), device=loss.device))  # a tensor (get_scale() syncs), halved on a skip:
     scaler.step(optimizer)
     scaler.update()
+    logged = torch.stack(logged).detach().float()
+    sums += torch.stack([logged, torch.ones_like(logged)]).where(scaler.scale(torch.ones_like(scale)) >= scale, 0)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -320,8 +327,7 @@ def load_checkpoint(path: str) -> dict:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {next(iter(str(e).splitlines()), '')})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND or "reals" not in ckpt:
         fail(f"{path} is not a checkpoint of this version of {CHECKPOINT_KIND}.py")
-    ckpt["args"] = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
-    return ckpt
+    return ckpt | {"args": Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})}
 
 
 def write_atomic(path: Path, data) -> None:
@@ -358,7 +364,7 @@ if __name__ == "__main__":
     if ckpt:  # the run's saved settings; the flags given now override them
         args = tyro.cli(Args, default=dataclasses.replace(ckpt["args"], resume=args.resume, generate=args.generate))
     check_args(args)
-    device, rank, world_size = setup_device(args.device)
+    device, rank, world_size = setup_device(args)
     if not args.generate:  # before anything is written: bad data leaves nothing behind
         images, labels, classes, files = load_dataset(args)
     if ckpt and args.run_name != ckpt["args"].run_name:
@@ -366,11 +372,8 @@ if __name__ == "__main__":
     args.run_name = args.run_name or f"{args.dataset}__{Path(__file__).stem}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume or args.generate).parent if ckpt else Path("runs", args.run_name)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    cuda, amp_dtype = device.type == "cuda", None  # the CPU runs fp32: bf16 convolutions are slower there without AMX
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # picks the fastest conv algorithms for our fixed shapes
-        auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        amp_dtype = {"auto": auto, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # picks the fastest conv algorithms for our fixed shapes
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]  # None: autocast off
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     fmt = torch.channels_last  # (B, H, W, C) in memory: faster convolutions on GPUs and on the CPU too (README)
     generator = Generator(
@@ -380,9 +383,9 @@ if __name__ == "__main__":
     generator, critic = generator.to(device, memory_format=fmt), critic.to(device, memory_format=fmt)
     ema = copy.deepcopy(generator).eval().requires_grad_(False) if args.ema_halflife > 0 else None
     sampler = ema if ema is not None else generator  # draws the grids: the moving average when there is one
-    # torch.compile has no double backward: the penalty runs the eager critic, only the plain forwards compile.
-    generator_fwd, critic_fwd = (torch.compile(m) if args.compile else m for m in (generator, critic))
-    adam = {"betas": (args.beta1, args.beta2), "fused": cuda}  # fused: one kernel per update
+    # The penalty's double backward runs the eager critic (torch.compile has none); static graphs for B and 2B images.
+    generator_fwd, critic_fwd = (torch.compile(m, dynamic=False) if args.compile else m for m in (generator, critic))
+    adam = {"betas": (args.beta1, args.beta2), "fused": device.type == "cuda"}  # fused: one kernel per update
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, **adam)
     opt_d = torch.optim.Adam(critic.parameters(), lr=args.lr_d, **adam)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one for both: PyTorch's recipe
@@ -419,11 +422,11 @@ if __name__ == "__main__":
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))
     stop_group = torch.distributed.new_group(backend="gloo") if world_size > 1 else None  # CPU flags, also under NCCL
     images, labels = images.to(device), labels.to(device)  # on a GPU, batches become index slices in its memory
-    step = logged_step = ckpt["step"] if ckpt else 0
-    logged_time, stopping = time.perf_counter(), False
+    step = log_step = ckpt["step"] if ckpt else 0
+    log_time, stopping = time.perf_counter(), False
     batches = batch_indices(len(images), args.batch_size, args.seed, step * args.n_critic, rank, world_size)
     loss_names = ["losses/critic", "losses/wasserstein_estimate", "losses/gradient_penalty", "losses/generator"]
-    loss_sums = torch.zeros(len(loss_names), device=device)  # summed on the device, read every log_every steps
+    loss_sums = torch.zeros(2, len(loss_names), device=device)  # sums and counts on the device, read every log_every
     with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank > 0) as progress:
         while step < args.total_steps and not stopping:
             torch.manual_seed(hash((args.seed, rank, step)))  # step k draws from (seed, rank, k): resumed or not
@@ -440,22 +443,20 @@ if __name__ == "__main__":
                     wasserstein = d_real.mean() - d_fake.mean()
                     gp = torch.zeros((), device=device)
                     if (step * args.n_critic + i) % args.gp_every == 0:  # every step, or every k-th weighted by k
-                        gp = args.gp_every * gradient_penalty(critic, real, fake.float(), scale=scaler.get_scale())
+                        gp = args.gp_every * gradient_penalty(critic, real, fake.float(), scale=scaler.scale)
                     # L_D = E[D(x~)] - E[D(x)] + lambda * E[(||grad D(x^)||_2 - 1)^2]
                     d_loss = -wasserstein + args.lambda_gp * gp
-                optimizer_step(d_loss, opt_d, scaler, critic, world_size)
-                loss_sums[:3] += torch.stack([d_loss, wasserstein, gp]).detach() / args.n_critic
+                optimizer_step(d_loss, opt_d, scaler, critic, world_size, loss_sums[:, :3], [d_loss, wasserstein, gp])
 
             critic.requires_grad_(False)  # the generator step needs gradients through the critic, not of its weights
             with autocast:
                 g_loss = -critic_fwd(generator_fwd(torch.randn_like(z))).float().mean()  # L_G = -E[D(G(z))]
-            optimizer_step(g_loss, opt_g, scaler, generator, world_size)
+            optimizer_step(g_loss, opt_g, scaler, generator, world_size, loss_sums[:, 3:], [g_loss])
             critic.requires_grad_(True)
             if ema is not None:  # weights of ema_halflife images ago count half; the warm-up lets early ones fade fast
                 decay = min(0.5 ** (args.batch_size * world_size / args.ema_halflife), (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(ema.parameters()), list(generator.parameters()), 1 - decay)
                 torch._foreach_copy_(list(ema.buffers()), list(generator.buffers()))  # batch-norm running statistics
-            loss_sums[3] += g_loss.detach()
             step += 1
             progress.update(1)
             stop = torch.tensor(float(bool(stop_signal)))
@@ -464,27 +465,27 @@ if __name__ == "__main__":
             stopping = bool(stop)
             save = step % args.sample_every == 0 or step == args.total_steps or stopping
             if rank == 0 and (save or step % args.log_every == 0):  # a checkpoint is only written after this check
-                values = (loss_sums / (step - logged_step)).tolist()  # the one sync point of the interval
-                if not (math.isfinite(sum(values)) and all(p.isfinite().all() for p in sampler.parameters())):
+                values, counts = torch.stack([loss_sums[0] / loss_sums[1], loss_sums[1]]).tolist()  # the one sync point
+                finite = all(math.isfinite(v) for v, n in zip(values, counts) if n) and scaler.get_scale() >= 1
+                if not (finite and all(p.to(amp_dtype or p.dtype).isfinite().all() for p in sampler.parameters())):
                     last = run_dir / "checkpoint.pt"  # written only after this check passed: its step was good
                     kept = f"{last} keeps the last good step" if last.exists() else "no checkpoint was written"
                     fail(f"training diverged at step {step} (a loss or weight is not finite); {kept}")
-                seconds, logged_time = time.perf_counter() - logged_time, time.perf_counter()
-                values.append((step - logged_step) * args.n_critic * args.batch_size * world_size / seconds)
+                seconds, log_time = time.perf_counter() - log_time, time.perf_counter()
+                values.append((step - log_step) * args.n_critic * args.batch_size * world_size / seconds)
                 for name, value in zip(loss_names + ["charts/images_per_sec"], values):
-                    writer.add_scalar(name, value, step)
+                    if math.isfinite(value):  # NaN: fp16's scaler skipped every step of the interval (n = 0)
+                        writer.add_scalar(name, value, step)
                 writer.add_scalar("charts/learning_rate", opt_g.param_groups[0]["lr"], step)
                 progress.set_postfix(critic=f"{values[0]:.3f}", gen=f"{values[3]:.3f}", w=f"{values[1]:.3f}")
                 loss_sums.zero_()
-                logged_step = step
+                log_step = step
             if rank == 0 and save:
-                with torch.no_grad():  # the grids (fixed noise; beside real images; all as a GIF), the checkpoint
+                with torch.no_grad():  # the grids (fixed noise; beside real images), the checkpoint
                     grid = save_png(samples := sampler.eval()(fixed_noise), run_dir / f"samples/{step:07d}.png")
                     save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
                 writer.add_image("samples/fixed_noise", grid, step)
                 generator.train()
-                frames = [TF.to_pil_image(torchvision.io.decode_image(p)) for p in sorted(run_dir.glob("samples/*"))]
-                frames[0].save(run_dir / "progress.gif", save_all=True, append_images=frames[1:], duration=300, loop=0)
                 state = {key: obj.state_dict() if obj is not None else None for key, obj in stateful.items()}
                 state.update(kind=CHECKPOINT_KIND, args=dataclasses.asdict(args), step=step, reals=reals)
                 write_atomic(run_dir / "checkpoint.pt", functools.partial(torch.save, state))  # whole, or the old stays

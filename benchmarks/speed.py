@@ -5,11 +5,13 @@
 
 Each row is one configuration, timed in this run on this machine: first the step written the
 textbook way, then the same step with one lever added at a time, then the scripts themselves
-(run as a user runs them, their own logged images/s) with their option levers. Ratios are
-against the textbook row of the same device and size. Warm-up steps are excluded; each figure
-is the median over --steps generator steps; on CUDA every timing is bracketed by synchronize().
-FLOPs per step are counted with torch.utils.flop_counter on one step; the machine's peak is a
-large fp32 matmul timed in the same run.
+(run as a user runs them, their own logged images/s) with their option levers and each precision
+with and without --compile. Ratios are against the textbook row of the same device and size.
+Warm-up steps are excluded; each figure is the median over --steps generator steps; on CUDA every
+timing is bracketed by synchronize(). FLOPs per step are counted with torch.utils.flop_counter:
+the textbook step's in this process, each script's in its own process (the FLOPs of 2k steps
+minus those of k, k its lazy-penalty period). The peaks are large fp32 and bf16 matmuls timed in
+the same run; each row's % of peak is against the peak of the precision it ran in.
 """
 
 import contextlib
@@ -70,6 +72,8 @@ class Args:
     """ends the table's file name, e.g. --suffix=-2-cores for speed-cpu-2-cores.md"""
     script_flags: str = ""
     """extra flags for every script run (the smoke test passes tiny widths)"""
+    compile: bool = True
+    """time the --compile rows (the first steps of each compile: a minute or more on a CPU)"""
     compare_dir: Optional[str] = None
     """another checkout (e.g. a git worktree named after an older commit): its scripts' defaults are timed too, each
     right after the same script of this checkout, labelled with the folder's name"""
@@ -238,13 +242,7 @@ def script_seconds_per_step(
     that many of this process's cores, one thread each."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    command = [
-        sys.executable, str(root / f"{script}.py"), "--device", str(device),
-        "--image-size", str(size), "--channels", str(channels), "--batch-size", str(args.batch_size),
-        "--total-steps", str(args.warmup + args.steps), "--log-every", "1", "--sample-every", "1000000",
-        "--run-name", name, "--g-width", str(args.width), "--d-width", str(args.width),
-        *args.script_flags.split(), *flags,
-    ]  # fmt: skip
+    command = script_command(script, flags, args, size, channels, device, name, args.warmup + args.steps, root)
     env, pin = dict(os.environ), None
     if cores:
         env["OMP_NUM_THREADS"] = str(cores)
@@ -260,11 +258,60 @@ def script_seconds_per_step(
     return n_critic * args.batch_size / statistics.median(rates), settings
 
 
-def script_levers(script: str, device: torch.device) -> List[tuple]:
-    """Rows per script as (label, flags, cores): its defaults, then one change per row. The EMA, lazy-penalty,
-    compile and thread levers cost alike in every script, so on the CPU they are timed in the cheaper loops only."""
+def script_command(script, flags, args, size, channels, device, name, steps, root=ROOT) -> List[str]:
+    """The command line of a timed (or counted) run of a script: sizes, widths and batch of this benchmark."""
+    return [
+        sys.executable, str(root / f"{script}.py"), "--device", str(device),
+        "--image-size", str(size), "--channels", str(channels), "--batch-size", str(args.batch_size),
+        "--total-steps", str(steps), "--log-every", "1", "--sample-every", "1000000",
+        "--run-name", name, "--g-width", str(args.width), "--d-width", str(args.width),
+        *args.script_flags.split(), *flags,
+    ]  # fmt: skip
+
+
+# Runs a script (argv[1:]) under a FLOP counter and prints "flops <total>" last; speed.py's own GlobalOnly, because
+# the counter's per-module tracker rejects the penalty's autograd.grad on a leaf.
+FLOP_RUNNER = """
+import contextlib, runpy, sys
+from torch.utils.flop_counter import FlopCounterMode
+class GlobalOnly(contextlib.nullcontext):
+    parents = {"Global"}
+counter = FlopCounterMode(display=False)
+counter.mod_tracker = GlobalOnly()
+sys.argv = sys.argv[1:]
+with counter:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+print("flops", counter.get_total_flops())
+"""
+
+
+def script_flops(script, flags, args, size, channels, device, workdir: Path, period: int) -> float:
+    """FLOPs per generator step of a script's own loop, in fp32 (the count is the same in every precision): the FLOPs
+    of 2 * period steps minus those of period steps, over period, so that the start and the final grid cancel out;
+    period: the lazy penalty's, whose pattern repeats every `period` steps (a penalised critic step every gp_every)."""
+    totals = []
+    for steps in (period, 2 * period):
+        name = f"flops-{script}-{size}x{channels}-{len(list(workdir.glob('runs/flops-*')))}"
+        command = script_command(script, [*flags, "--precision", "fp32"], args, size, channels, device, name, steps)
+        command.insert(1, "-c")
+        command.insert(2, FLOP_RUNNER)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+        if result.returncode != 0:
+            raise SystemExit(f"error: counting {script}.py's FLOPs failed: {result.stderr.strip().splitlines()[-1]}")
+        totals.append(float(result.stdout.split()[-1]))
+    return (totals[1] - totals[0]) / period
+
+
+def script_levers(script: str, device: torch.device, compile_rows: bool = True) -> List[tuple]:
+    """Rows per script as (label, flags, cores): its defaults, each precision with and without --compile, then one
+    change per row. The EMA, lazy-penalty and thread levers cost alike in every script, so on the CPU they are timed
+    in the cheaper loops only."""
     script_args = importlib.import_module(script).Args()
     rows = [("defaults", [], None)]
+    for precision in ["fp32", "bf16"] + ["fp16"] * (device.type == "cuda"):  # fp16: no CPU here computes it natively
+        rows += [(f"{precision} (--precision {precision})", ["--precision", precision], None)]
+        if compile_rows:
+            rows += [(f"{precision} + --compile", ["--precision", precision, "--compile"], None)]
     if script in ("wgan_gp", "dcgan"):
         if script_args.ema_halflife > 0:
             rows += [("EMA off (--ema-halflife 0)", ["--ema-halflife", "0"], None)]
@@ -279,10 +326,6 @@ def script_levers(script: str, device: torch.device) -> List[tuple]:
         rows += [("AC loss (--lambda-ac 1)", ["--lambda-ac", "1"], None)]
     if script == "resnet_sn_wgan_gp":
         rows += [("critic spectral norm off", ["--no-critic-spectral-norm"], None)]
-    if device.type == "cuda":
-        rows += [("fp32 (--precision fp32)", ["--precision", "fp32"], None)]
-    if device.type == "cuda" or script in ("wgan_gp", "dcgan"):
-        rows += [("--compile", ["--compile"], None)]
     if device.type == "cpu" and script in ("wgan_gp", "dcgan") and len(os.sched_getaffinity(0)) > 1:
         rows += [("defaults on 1 core, 1 thread", [], 1)]
     return rows
@@ -306,11 +349,12 @@ def measure(device: torch.device, size: int, channels: int, args: Args, raw: tor
     steps.append(("+ channels_last", Levers(tensor_data=True, one_forward=True, channels_last=True)))
     lazy = Levers(tensor_data=True, one_forward=True, channels_last=True, gp_every=4)
     steps.append(("+ the penalty on every 4th critic step only (lazy)", lazy))
-    if device.type == "cuda":
-        steps.append(("+ bf16 autocast", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True)))
-        steps.append(
-            ("+ torch.compile", Levers(tensor_data=True, one_forward=True, channels_last=True, bf16=True, compile=True))
-        )
+    steps.append(
+        ("+ bf16 autocast", Levers(tensor_data=True, one_forward=True, channels_last=True, gp_every=4, bf16=True))
+    )
+    if args.compile:
+        compiled = Levers(tensor_data=True, one_forward=True, channels_last=True, gp_every=4, bf16=True, compile=True)
+        steps.append(("+ torch.compile", compiled))
     rows = []
 
     def flops_of(gp_every: int) -> float:  # the textbook step's FLOPs, which fit wgan_gp.py's own step
@@ -327,12 +371,15 @@ def measure(device: torch.device, size: int, channels: int, args: Args, raw: tor
             device,
         )
         print(f"    {1 / seconds:.3f} steps/s", flush=True)
-        row_flops = flops.get(levers.gp_every)
-        rows.append({"config": label, "seconds": seconds, "flops": row_flops, "bf16": levers.bf16, "n_critic": 5})
+        precision = "bf16" if levers.bf16 else "fp32"
+        rows.append(
+            dict(config=label, seconds=seconds, flops=flops.get(levers.gp_every), precision=precision, n_critic=5)
+        )
     for script in scripts_at(f"{size}x{channels}", args):
-        levers = [(label, flags, cores, ROOT) for label, flags, cores in script_levers(script, device)]
+        levers = [(label, flags, cores, ROOT) for label, flags, cores in script_levers(script, device, args.compile)]
         if args.compare_dir:  # the other checkout's defaults, right after this one's
             levers.insert(1, (f"defaults at {Path(args.compare_dir).resolve().name}", [], None, Path(args.compare_dir)))
+        script_flops_of = {}  # FLOPs per step by the flags other than precision and compile, which leave them alone
         for label, flags, cores, root in levers:
             print(f"[{device}] {size}x{channels} {script}.py {label}", flush=True)
             name = f"{script}-{size}x{channels}-{device.type}-{len(rows)}"
@@ -340,16 +387,18 @@ def measure(device: torch.device, size: int, channels: int, args: Args, raw: tor
                 script, flags, args, size, channels, device, workdir, name, root, cores
             )
             print(f"    {1 / seconds:.3f} steps/s", flush=True)
-            bf16 = device.type == "cuda" and "fp32" not in flags  # the scripts' default precision on CUDA
-            row_flops = flops.get(settings.get("gp_every", 1)) if script == "wgan_gp" else None
+            key = tuple(f for f in flags if f not in ("--compile", "--precision", "fp32", "bf16", "fp16"))
+            if key not in script_flops_of and root == ROOT:
+                period = settings.get("gp_every", 1)
+                script_flops_of[key] = script_flops(script, list(key), args, size, channels, device, workdir, period)
             rows.append(
-                {
-                    "config": f"{script}.py {label}",
-                    "seconds": seconds,
-                    "flops": row_flops,
-                    "bf16": bf16,
-                    "n_critic": settings.get("n_critic", 1),
-                }
+                dict(
+                    config=f"{script}.py {label}",
+                    seconds=seconds,
+                    flops=script_flops_of.get(key) if root == ROOT else None,
+                    precision=settings.get("precision", "fp32"),
+                    n_critic=settings.get("n_critic", 1),
+                )
             )
     return rows
 
@@ -373,7 +422,7 @@ def write_table(device: torch.device, results: dict, peaks: dict, args: Args) ->
         f"{' plus ' + args.script_flags if args.script_flags else ''}.",
         "- Peak: "
         + ", ".join(f"{k} matmul {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
-        + " (bf16 rows are measured against the bf16 peak)",
+        + " (each row's % of peak is against the peak of its precision)",
         "",
     ]
     for shape, rows in results.items():
@@ -381,18 +430,18 @@ def write_table(device: torch.device, results: dict, peaks: dict, args: Args) ->
         lines += [
             f"## {shape} (size x channels)",
             "",
-            "| configuration | steps/s | real images/s | speed-up vs textbook | GFLOP/step | % of peak |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| configuration | precision | steps/s | real images/s | speed-up vs textbook | GFLOP/step | % of peak |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for row in rows:
             steps_per_sec = 1 / row["seconds"]
             flops = f"{row['flops'] / 1e9:.3g}" if row["flops"] else "—"
-            peak = peaks["bf16" if row["bf16"] else "fp32"]
+            peak = peaks[row["precision"]]
             fraction = f"{100 * row['flops'] * steps_per_sec / peak:.1f}" if row["flops"] else "—"
             images = steps_per_sec * row["n_critic"] * args.batch_size
             lines.append(
-                f"| {row['config']} | {steps_per_sec:.3f} | {images:.0f} | {base / row['seconds']:.2f}x "
-                f"| {flops} | {fraction} |"
+                f"| {row['config']} | {row['precision']} | {steps_per_sec:.3f} | {images:.0f} "
+                f"| {base / row['seconds']:.2f}x | {flops} | {fraction} |"
             )
         lines.append("")
     path = Path(args.out_dir) / f"speed-{device.type}{args.suffix}.md"
@@ -416,10 +465,11 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         for name in devices:
             device = torch.device(name)
-            peaks = {"fp32": peak_flops(device, torch.float32, args.peak_size)}
-            if device.type == "cuda":
-                torch.backends.cudnn.benchmark = True
-                peaks["bf16"] = peak_flops(device, torch.bfloat16, args.peak_size)
+            dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16} | (
+                {"fp16": torch.float16} if device.type == "cuda" else {}
+            )
+            peaks = {name: peak_flops(device, dtype, args.peak_size) for name, dtype in dtypes.items()}
+            torch.backends.cudnn.benchmark = device.type == "cuda"
             results = {}
             for shape in args.shapes:
                 size, channels = (int(v) for v in shape.split("x"))

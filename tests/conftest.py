@@ -120,17 +120,9 @@ def trained(tmp_path_factory):
     def get(script: str) -> Path:
         if script not in cache:
             cwd = tmp_path_factory.mktemp(f"run_{script}")
-            flags = [
-                *tiny(script),
-                "--total-steps",
-                "4",
-                "--log-every",
-                "2",
-                "--sample-every",
-                "2",
-                "--run-name",
-                "tiny",
-            ]
+            # A few dozen steps in bf16 (fp16 runs: test_precision.py), logged and saved twice.
+            flags = [*tiny(script), "--precision", "bf16", "--total-steps", "24", "--log-every", "12"]
+            flags += ["--sample-every", "12", "--run-name", "tiny"]
             result = run(script, *flags, cwd=cwd)
             assert result.returncode == 0, result.stderr[-3000:]
             cache[script] = cwd / "runs" / "tiny"

@@ -9,8 +9,9 @@ from conftest import ROOT
 
 
 def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
+    # --no-compile: the compile rows are rows like the others; --compile itself is tested in test_precision.py
     command = [sys.executable, str(ROOT / "benchmarks/speed.py"), "--scripts", "wgan_gp", "--shapes", "16x1",
-               "--steps", "1", "--warmup", "1", "--width", "8", "--peak-size", "256",
+               "--steps", "1", "--warmup", "1", "--width", "8", "--peak-size", "256", "--no-compile",
                "--compare-dir", str(ROOT), "--out-dir", str(tmp_path), "--suffix=-tiny"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -22,23 +23,41 @@ def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
         "+ real and fake in one critic forward",
         "+ channels_last",
         "+ the penalty on every 4th critic step only (lazy)",
+        "+ bf16 autocast",
         "wgan_gp.py defaults",
         f"wgan_gp.py defaults at {ROOT.name}",
+        "wgan_gp.py fp32 (--precision fp32)",
+        "wgan_gp.py bf16 (--precision bf16)",
         "wgan_gp.py EMA on (--ema-halflife 10000)",
         "wgan_gp.py the penalty on every critic step (--gp-every 1)",
-        "wgan_gp.py --compile",
     ] + ["wgan_gp.py defaults on 1 core, 1 thread"] * (len(os.sched_getaffinity(0)) > 1)
-    assert rows[0].split(" | ")[3] == "1.00x"
-    # FLOPs per step: the lazy rows (the script's CPU default among them) do the work of 5 forwards and 5 / 4 penalties
-    flops = {r.split(" | ")[0][2:]: r.split(" | ")[4] for r in rows}
+    cells = {
+        r.split(" | ")[0][2:]: r.rstrip(" |").split(" | ")[1:] for r in rows
+    }  # precision, steps/s, images/s, x, GFLOP, %
+    assert cells["textbook: PIL per step, 3 critic forwards, fp32"][3] == "1.00x"
+    assert [cells[k][0] for k in ("+ bf16 autocast", "wgan_gp.py fp32 (--precision fp32)")] == ["bf16", "fp32"]
+    assert cells["wgan_gp.py bf16 (--precision bf16)"][0] == "bf16" and cells["wgan_gp.py defaults"][0] in (
+        "fp32",
+        "bf16",
+    )
+    # FLOPs per step, the script's counted in its own process: the lazy rows (the script's CPU default among them) do
+    # the work of 5 forwards and 5 / 4 penalties, the same in every precision.
+    flops = {label: cell[4] for label, cell in cells.items()}
     full, lazy = float(flops["+ channels_last"]), float(flops["wgan_gp.py defaults"])
     assert flops["+ the penalty on every 4th critic step only (lazy)"] == flops["wgan_gp.py defaults"]
+    assert flops["+ bf16 autocast"] == flops["wgan_gp.py bf16 (--precision bf16)"] == flops["wgan_gp.py defaults"]
     assert 0.4 * full < lazy < 0.8 * full
     assert float(flops["wgan_gp.py the penalty on every critic step (--gp-every 1)"]) == full
-    for row in rows:
-        steps_per_sec, images_per_sec = (float(v) for v in row.split(" | ")[1:3])
-        assert steps_per_sec > 0 and images_per_sec > 0
-    assert re.search(r"fp32 matmul \d+ GFLOP/s", table)
+    for label, cell in cells.items():
+        steps_per_sec, images_per_sec = float(cell[1]), float(cell[2])
+        assert steps_per_sec > 0 and images_per_sec > 0, label
+    # % of peak: each row against the peak of its own precision
+    peaks = {k: float(v) for k, v in re.findall(r"(fp32|bf16) matmul (\d+) GFLOP/s", table)}
+    assert set(peaks) == {"fp32", "bf16"}
+    for label, (precision, steps_per_sec, _, _, gflop, percent) in cells.items():
+        if gflop != "—":
+            expected = 100 * float(gflop) * float(steps_per_sec) / peaks[precision]
+            assert abs(float(percent) - expected) < 0.05 * expected + 0.1, label
 
 
 def test_script_shapes_choose_where_each_script_is_timed():

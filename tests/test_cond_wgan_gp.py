@@ -216,7 +216,7 @@ def test_checkpoint_with_another_class_count_is_refused(trained, tmp_path):
     expect_error(
         run("cond_wgan_gp", *flags, cwd=tmp_path), r"checkpoint\.pt was trained on 10 classes, the data has 3$"
     )
-    assert load_checkpoint(checkpoint)["step"] == 4
+    assert load_checkpoint(checkpoint)["step"] == 24
 
 
 ATTRS = r"^error: --dataset celeba takes --celeba-attrs: 1 to 8 different attributes, e.g. Male Smiling; got "

@@ -45,7 +45,8 @@ part = slice(rank * 8 // world, (rank + 1) * 8 // world)
 real, fake, eps = real[part], fake[part], eps[part]
 d_real, d_fake = critic(torch.cat([real, fake])).chunk(2)
 loss = -(d_real.mean() - d_fake.mean()) + 10.0 * m.gradient_penalty(critic, real, fake, eps=eps)
-m.optimizer_step(loss, opt, torch.amp.GradScaler("cpu", enabled=False), critic, world)  # backward, average, step
+scaler, sums = torch.amp.GradScaler("cpu", enabled=False), torch.zeros(2, 1)
+m.optimizer_step(loss, opt, scaler, critic, world, sums, [loss])  # backward, average, step
 grads = {{n: p.grad.clone() for n, p in critic.named_parameters()}}
 torch.save({{"grads": grads, "weights": {{n: p.detach() for n, p in critic.named_parameters()}}}}, sys.argv[3])
 """

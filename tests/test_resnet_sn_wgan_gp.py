@@ -146,12 +146,12 @@ def test_defaults_are_the_resnet_recipe():
 
 
 def test_learning_rate_decays_linearly_to_zero(trained):
-    # The tiny run: 4 steps, logged at steps 2 and 4. Step k (1-based) trains at 2e-4 * (1 - (k - 1) / 4),
+    # The tiny run: 24 steps, logged at steps 12 and 24. Step k (1-based) trains at 2e-4 * (1 - (k - 1) / 24),
     # so the rate would reach 0 at the step after the last.
     events = EventAccumulator(str(trained("resnet_sn_wgan_gp")), size_guidance={"scalars": 0}).Reload()
     rates = [(e.step, e.value) for e in events.Scalars("charts/learning_rate")]
-    assert [step for step, _ in rates] == [2, 4]
-    assert [value for _, value in rates] == pytest.approx([1.5e-4, 0.5e-4], rel=1e-6)
+    assert [step for step, _ in rates] == [12, 24]
+    assert [value for _, value in rates] == pytest.approx([2e-4 * 13 / 24, 2e-4 / 24], rel=1e-6)
 
 
 def test_checkpoint_holds_every_power_iteration_vector(trained):

@@ -1,0 +1,120 @@
+"""--precision on the CPU, whose autocast and GradScaler run the same code paths as CUDA's: what auto picks, fp16's
+skipped steps, and --compile. The penalty under bf16 and fp16: test_gradient_penalty.py; bf16 training, resume and
+divergence: the tiny runs of test_shared.py and test_reliability.py."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SCRIPTS, SHARED_SCRIPT, expect_error, load, load_checkpoint, run, tiny
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# Runs a script as __main__ with the loss of some backward() calls multiplied by inf, so that their gradients overflow
+# as fp16's do: argv is [this file, the calls to poison ("all" or 0-based numbers joined by ","), script, flags...].
+POISON = """
+import math, runpy, sys, torch
+calls, poison = [0], sys.argv[1]
+backward = torch.Tensor.backward
+def poisoned(loss, *args, **kwargs):
+    calls[0] += 1
+    hit = poison == "all" or str(calls[0] - 1) in poison.split(",")
+    return backward(loss * math.inf if hit else loss, *args, **kwargs)
+torch.Tensor.backward = poisoned
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_poisoned(script: str, poison: str, *flags: str, cwd) -> subprocess.CompletedProcess:
+    (cwd / "poison.py").write_text(POISON)
+    command = [sys.executable, str(cwd / "poison.py"), poison, str(ROOT / f"{script}.py"), *flags]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_auto_is_bf16_where_the_device_computes_it_natively(script, monkeypatch):
+    module = load(script)
+
+    def resolved(precision: str, device: str = "cpu") -> str:
+        args = module.Args(precision=precision, device=device)
+        module.setup_device(args)
+        return args.precision
+
+    for avx512_bf16, amx in [(True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolved("auto") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolved("auto") == "fp32" and resolved("bf16") == "bf16" and resolved("fp16") == "fp16"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # private: a later torch may drop them
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert resolved("auto") == "fp32"
+    # A GPU, faked: before Ampere it only emulates bf16 (is_bf16_supported() says True, with emulation), so fp16.
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for native, expected in [(False, "fp16"), (True, "bf16")]:
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n or including_emulation
+        )
+        assert resolved("auto", "cuda") == expected and resolved("fp32", "cuda") == "fp32"
+
+
+def test_fp16_step_with_an_overflowing_gradient_is_skipped_and_left_out_of_the_logged_averages():
+    module = load(SHARED_SCRIPT)
+    torch.manual_seed(0)
+    critic = module.Critic(1, 32, 8)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    scaler, sums = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.zeros(2, 2)  # fp16's, at a scale that fits
+    before = [p.detach().clone() for p in critic.parameters()]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = critic(torch.rand(8, 1, 32, 32)).float().mean()
+    module.optimizer_step(loss * math.inf, opt, scaler, critic, 1, sums, [loss, loss + 1])
+    assert all(torch.equal(p, b) for p, b in zip(critic.parameters(), before))  # skipped: the weights did not move
+    assert scaler.get_scale() == 512 and torch.equal(sums, torch.zeros(2, 2))  # and nothing was logged
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = critic(torch.rand(8, 1, 32, 32)).float().mean()
+    module.optimizer_step(loss, opt, scaler, critic, 1, sums, [loss, loss + 1])
+    assert not any(torch.equal(p, b) for p, b in zip(critic.parameters(), before))  # taken: every weight moved
+    assert scaler.get_scale() == 512 and torch.equal(sums, torch.tensor([[loss.item(), loss.item() + 1], [1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fp16_runs_through_a_skipped_step_and_logs_finite_averages_of_the_steps_taken(script, tmp_path):
+    # Two critic steps and a generator step per step (dcgan.py: one and one); step 4's generator step overflows.
+    per_step = 2 if script == "dcgan" else 3
+    flags = [*tiny(script), "--precision", "fp16", "--total-steps", "24", "--log-every", "1", "--sample-every", "12"]
+    result = run_poisoned(script, str(4 * per_step - 1), *flags, "--run-name", "skip", cwd=tmp_path)
+    assert result.returncode == 0 and "finished at step 24" in result.stdout, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "skip"
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    for tag in events.Tags()["scalars"]:
+        assert all(math.isfinite(e.value) for e in events.Scalars(tag)), tag
+    generator_steps = [e.step for e in events.Scalars("losses/generator")]
+    assert 4 not in generator_steps and 3 in generator_steps and 5 in generator_steps  # no generator step to average
+    critic_tag = "losses/discriminator" if script == "dcgan" else "losses/critic"
+    assert 4 in [e.step for e in events.Scalars(critic_tag)]  # while its critic steps count
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert ckpt["args"]["precision"] == "fp16" and ckpt["scaler"]["scale"] < 65536  # halved at least once
+
+
+def test_fp16_whose_every_step_overflows_stops_as_diverged_once_the_loss_scale_falls_below_1(tmp_path):
+    flags = [*tiny(SHARED_SCRIPT), "--precision", "fp16", "--total-steps", "100", "--log-every", "3"]
+    result = run_poisoned(SHARED_SCRIPT, "all", *flags, "--run-name", "overflow", cwd=tmp_path)
+    # 3 optimizer steps a step, each halving 65536: 17 skips bring the scale to 0.5, after step 6.
+    expect_error(result, r"^error: training diverged at step 6 \(a loss or weight is not finite\); no checkpoint")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_compile_trains_as_the_eager_networks_do(script, tmp_path):
+    # fp32, so that the two runs agree to rounding; at 16 px, whose networks are shallower and compile sooner.
+    flags = [*tiny(script), "--precision", "fp32", "--image-size", "16", "--total-steps", "2", "--sample-every", "2"]
+    eager = run(script, *flags, "--run-name", "eager", cwd=tmp_path)
+    compiled = run(script, *flags, "--compile", "--run-name", "compiled", cwd=tmp_path, timeout=600)
+    assert eager.returncode == 0 and compiled.returncode == 0, (eager.stderr[-2000:], compiled.stderr[-2000:])
+    a, b = (load_checkpoint(tmp_path / "runs" / name / "checkpoint.pt") for name in ("eager", "compiled"))
+    for network in ("generator", "critic" if script != "dcgan" else "discriminator"):
+        for name, tensor in a[network].items():
+            torch.testing.assert_close(b[network][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{network}.{name}")
