@@ -4,8 +4,6 @@ Radford, Metz & Chintala 2015 (https://arxiv.org/abs/1511.06434), non-saturating
 default: label smoothing (Salimans et al. 2016), noisy labels, instance noise (Sonderby et al. 2016), dropout, leaky G.
 
     python dcgan.py --dataset celeba --data-dir ~/data  # faces at 64x64; without flags Fashion-MNIST, offline
-
-Read top to bottom: settings, the method, data, helpers, a CUDA/AMP training loop. Every flag: --help; why: README.md
 """
 
 import copy
@@ -16,8 +14,10 @@ import gzip
 import itertools
 import math
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Literal, NoReturn, Optional
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torchvision
 import torchvision.transforms.v2.functional as TF
 import tyro
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -149,12 +149,13 @@ def load_dataset(args: Args) -> tuple:
     if args.dataset in ("celeba", "folder"):
         folder = root / "celeba" / "img_align_celeba" if args.dataset == "celeba" else root
         types = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in types and p.is_file())[: args.max_images]
+        walk = list(os.walk(folder, onerror=lambda e: fail(f"{e.strerror}: {e.filename}"), followlinks=True))
+        files = sorted(Path(d, n) for d, _, ns in walk for n in ns if n.lower().endswith(types))[: args.max_images]
         if not files:
             fail(f"no images in {folder} (looked for {' '.join(types)} in it and its subfolders)")
-        # A file's class is its top-level subfolder (AFHQ: cat/, dog/, wild/); files at the top have none.
+        # The top-level subfolders are the classes (AFHQ: cat/, dog/, wild/); files at the top have none.
         tops = [p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None for p in files]
-        classes = sorted({top for top in tops if top})
+        classes = sorted(walk[0][1])
         labels = torch.tensor([classes.index(top) if top else -1 for top in tops])
         # Every file decoded once, by DataLoader workers, before training: a broken image stops the run before step 0.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -173,7 +174,7 @@ def load_dataset(args: Args) -> tuple:
         try:
             data = getattr(torchvision.datasets, name)(str(root), train=True, download=True)
         except Exception as e:  # urllib and torchvision raise many kinds; all mean the same to the user
-            fail(f"{args.dataset} is not in {root} and could not be downloaded ({type(e).__name__}: {e})")
+            fail(f"no {args.dataset} in {root}, and no download ({str(e).strip().splitlines()[-1]}): try --data-dir")
         images = torch.as_tensor(data.data)[: args.max_images]  # (N, 28, 28); CIFAR-10 (N, 32, 32, 3)
         images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)
         labels, classes = torch.as_tensor(data.targets)[: args.max_images], data.classes
@@ -193,7 +194,9 @@ def decode_files(files: list, size: int, channels: int) -> tuple:
     for i, file in enumerate(files):
         try:
             with Image.open(file) as im:
-                im = im.point(lambda v: v / 256) if im.mode.startswith("I;16") else im  # convert() clips 16 bits
+                if im.mode in ("F", "I"):  # no brightness range that viewers agree on: refused; below, EXIF's rotation
+                    return images, f"{file} has 32-bit pixels (mode {im.mode}): save it with 8 or 16 bits a channel"
+                im = ImageOps.exif_transpose(im.point(lambda v: v / 256) if im.mode.startswith("I;16") else im)
                 im = TF.center_crop(TF.resize(im.convert("RGB" if channels == 3 else "L"), size), size)
                 images[i] = TF.pil_to_tensor(im)
         except Exception as e:  # PIL raises many kinds
@@ -202,13 +205,12 @@ def decode_files(files: list, size: int, channels: int) -> tuple:
 
 
 def batch_indices(n: int, batch_size: int, seed: int, start: int, rank: int = 0, world_size: int = 1):
-    """Batches of indices from number `start` on; epoch e is a permutation seeded by (seed, e), so a resumed run
-    draws what a straight one would. Under torchrun each process takes its slice of the job's batch."""
+    """Index batches from batch `start` on; epoch e's order is seeded by (seed, e): a resumed run draws the same."""
     for k in itertools.count(start):
         epoch, i = divmod(k, n // (batch_size * world_size))  # the last partial batch of an epoch is dropped
         if k == start or i == 0:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        yield order[(i * world_size + rank) * batch_size :][:batch_size]
+        yield order[(i * world_size + rank) * batch_size :][:batch_size]  # under torchrun, this process's share
 
 
 # Helpers: checks, devices and processes, checkpoints, images, generation.
@@ -216,7 +218,14 @@ CHECKPOINT_KIND = "dcgan"  # stored in every checkpoint: one from another script
 
 
 def fail(message: str) -> NoReturn:  # one line on stderr and exit code 1: bad input gets a message, not a traceback
-    raise SystemExit(f"error: {message}")
+    raise SystemExit("error: " + message.replace("\n", "\\n"))  # even a file name's newline stays on the line
+
+
+def one_line(kind, error, traceback) -> None:  # sys.excepthook: what comes from outside the code is one line (README)
+    outside = issubclass(kind, (OSError, MemoryError, KeyboardInterrupt)) or "can't allocate memory" in str(error)
+    if outside or kind.__module__.startswith("torch._inductor"):  # a full disk, too little memory, no C++ compiler
+        return print(f"error: {kind.__name__}: {error}".splitlines()[0].rstrip(": "), file=sys.stderr)
+    sys.__excepthook__(kind, error, traceback)  # anything else is a bug: its traceback
 
 
 def check_args(args: Args) -> None:
@@ -228,10 +237,11 @@ def check_args(args: Args) -> None:
     counts = "total_steps batch_size latent_dim g_width d_width log_every sample_every num_images"
     for names, ok, rule in [
         ("image_size", lambda v: v in (16, 32, 64, 128, 256), "a power of two from 16 to 256"),
+        ("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
         ("channels", lambda v: v in (None, 1, 3), "1 or 3"),
         (counts + " max_images", lambda v: v is None or v >= 1, ">= 1"),
         ("lr_g lr_d", lambda v: 0 < v < math.inf, "> 0 and finite"),
-        ("real_label", lambda v: 0 < v[0] <= v[-1] < math.inf and len(v) < 3, "LOW or LOW HIGH with 0 < LOW <= HIGH"),
+        ("real_label", lambda v: 0 < len(v) < 3 and 0 < v[0] <= v[-1] < math.inf, "LOW or LOW HIGH, 0 < LOW <= HIGH"),
         ("instance_noise ema_halflife", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
         ("beta1 beta2 dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ]:
@@ -255,9 +265,8 @@ def setup_device(args: Args) -> tuple:
     cpu_bf16 = any(getattr(torch.cpu, f"_is_{n}_supported", lambda: False)() for n in ("avx512_bf16", "amx_tile"))
     bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else cpu_bf16
     args.precision = ("bf16" if bf16 else "fp16" if cuda else "fp32") if args.precision == "auto" else args.precision
-    if device.type == "cpu" and sys.platform == "linux":  # glibc returns freed blocks over 128 KB to the OS, so a
-        libc = ctypes.CDLL(None)  # step's activations would fault in anew every step (10% of a CPU step): keep them
-        libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 1 << 30)  # M_MMAP_THRESHOLD (its maximum), M_TRIM_THRESHOLD
+    if device.type == "cpu" and sys.platform == "linux":  # glibc hands freed blocks over 128 KB back, so a step's
+        ctypes.CDLL(None).mallopt(-3, 32 << 20), ctypes.CDLL(None).mallopt(-1, 1 << 30)  # would fault in anew: README
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return device, 0, 1
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
@@ -265,16 +274,13 @@ def setup_device(args: Args) -> tuple:
 
 
 def optimizer_step(loss, optimizer, scaler, module: nn.Module, world_size: int, sums, logged: list) -> None:
-    """Backward (scaled under fp16), average the gradients over all processes, step; add the `logged` losses to sums[0]
-    and 1 to their counts sums[1], unless fp16's scaler skipped the step (its gradients overflowed): on the device."""
+    """Backward (scaled), average the gradients over processes, step; count `logged` in sums unless fp16 skipped it."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if world_size > 1 and grads:  # one all-reduce of one flat buffer, after the backward (why not DDP: README)
-        flat = torch.cat([g.flatten() for g in grads])
+    if world_size > 1 and (grads := [p.grad for p in module.parameters() if p.grad is not None]):  # why not DDP: README
+        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce of one flat buffer, after the backward
         torch.distributed.all_reduce(flat)  # a sum: a non-finite fp16 gradient reaches all, and all skip the step
-        for g, chunk in zip(grads, flat.div_(world_size).split([g.numel() for g in grads])):
-            g.copy_(chunk.view_as(g))
+        nn.utils.vector_to_parameters(flat.div_(world_size), grads)
     scale = scaler.scale(torch.ones((), device=loss.device))  # a tensor (get_scale() syncs), halved on a skip:
     scaler.step(optimizer)
     scaler.update()
@@ -308,11 +314,6 @@ def write_atomic(path: Path, data) -> None:
             tmp.unlink()
 
 
-def save_real_vs_fake(reals: torch.Tensor, fakes: torch.Tensor, path: Path) -> None:  # rows of 8 reals, then 8 fakes
-    rows = [x.float().cpu().unflatten(0, (-1, 8)) for x in (reals / 127.5 - 1, fakes)]
-    save_png(torch.cat(rows, 1).flatten(0, 1), path, nrow=16)
-
-
 def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
     """(B, C, S, S) in [-1, 1] -> a PNG of the one image, or of a grid of nrow columns; returned as (C, H, W) uint8."""
     pixels = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
@@ -322,8 +323,9 @@ def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    ckpt = load_checkpoint(args.resume or args.generate) if args.resume or args.generate else None
+    sys.excepthook, args = one_line, tyro.cli(Args)  # below: TensorBoard's thread's OSError comes again in add_scalar
+    threading.excepthook = lambda e: issubclass(e.exc_type, OSError) or threading.__excepthook__(e)
+    ckpt = load_checkpoint(args.generate or args.resume) if args.generate or args.resume else None  # both: generate
     if ckpt:  # the run's saved settings; the flags given now override them
         args = tyro.cli(Args, default=dataclasses.replace(ckpt["args"], resume=args.resume, generate=args.generate))
     check_args(args)
@@ -331,9 +333,9 @@ if __name__ == "__main__":
     if not args.generate:  # before anything is written: bad data leaves nothing behind
         images, labels, classes, files = load_dataset(args)
     if ckpt and args.run_name != ckpt["args"].run_name:
-        fail(f"--resume continues the run in {Path(args.resume or args.generate).parent}: --run-name cannot move it")
+        fail(f"{args.generate or args.resume} belongs to the run in its folder: --run-name cannot move it")
     args.run_name = args.run_name or f"{args.dataset}__{Path(__file__).stem}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume or args.generate).parent if ckpt else Path("runs", args.run_name)
+    run_dir = Path(args.generate or args.resume).resolve().parent if ckpt else Path("runs", args.run_name)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     torch.backends.cudnn.benchmark = device.type == "cuda"  # picks the fastest conv algorithms for our fixed shapes
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]  # None: autocast off
@@ -359,24 +361,21 @@ if __name__ == "__main__":
                 if obj is not None and ckpt[key]:  # empty: the state of a GradScaler saved without fp16
                     obj.load_state_dict(ckpt[key])
         except (RuntimeError, ValueError) as e:  # its last line names a mismatch: "size mismatch for net.0.weight ..."
-            fail(f"checkpoint {args.resume} does not fit this run: {str(e).splitlines()[-1].strip()}")
+            fail(f"checkpoint {args.generate or args.resume} does not fit this run: {str(e).splitlines()[-1].strip()}")
         for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d)):  # the rates and betas given now, not the saved ones
             opt.param_groups[0].update(lr=lr, betas=(args.beta1, args.beta2))
     if args.generate:  # num_images PNGs in <checkpoint folder>/generated; the fixed-noise grids beside it (not in it)
         torch.manual_seed(args.seed)
+        shutil.rmtree(run_dir / "generated", ignore_errors=True)  # an earlier --generate's images would mix in
         with torch.no_grad():
-            save_png(samples := sampler.eval()(fixed_noise), run_dir / "generated_grid.png")
-            save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
+            save_png(sampler.eval()(fixed_noise), run_dir / "generated_grid.png")
             for i in range(args.num_images):  # one at a time: in eval mode each sample is generated alone anyway
                 save_png(sampler(torch.randn(1, args.latent_dim, device=device)), run_dir / f"generated/{i:06d}.png")
-        print(f"wrote {args.num_images} images to {run_dir / 'generated'} and two grids beside it")
+        print(f"wrote {args.num_images} images to {run_dir / 'generated'} and their grid beside it")
         sys.exit()
     if rank == 0:  # under torchrun only process 0 logs, writes grids and checkpoints
-        try:  # a new run makes a new folder: two runs of one name, even started at once, never share one
-            run_dir.mkdir(parents=True, exist_ok=bool(ckpt))
-            writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
-        except OSError as e:  # FileExistsError too: another run has this name
-            fail(f"cannot make the run folder {run_dir} ({e.strerror or e}): pick another --run-name or --resume it")
+        run_dir.mkdir(parents=True, exist_ok=bool(ckpt))  # a new run, a new folder: two runs never share one
+        writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
     stop_signal = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one kills at once
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))
@@ -408,7 +407,7 @@ if __name__ == "__main__":
             if ema is not None:  # weights of ema_halflife images ago count half; the warm-up lets early ones fade fast
                 decay = min(0.5 ** (args.batch_size * world_size / args.ema_halflife), (1 + step) / (10 + step))
                 torch._foreach_lerp_(list(ema.parameters()), list(generator.parameters()), 1 - decay)
-                torch._foreach_copy_(list(ema.buffers()), list(generator.buffers()))  # batch-norm running statistics
+                ema.load_state_dict(dict(generator.named_buffers()), strict=False)  # copies BN's statistics, SN's u, v
             step += 1
             progress.update(1)
             stop = torch.tensor(float(bool(stop_signal)))
@@ -431,9 +430,10 @@ if __name__ == "__main__":
                 loss_sums.zero_()
                 log_step, log_time = step, time.perf_counter()
             if rank == 0 and save:
-                with torch.no_grad():  # the grids (fixed noise; beside real images), the checkpoint
+                with torch.no_grad():  # the grids (fixed noise; rows of 8 real images, then 8 samples), the checkpoint
                     grid = save_png(samples := sampler.eval()(fixed_noise), run_dir / f"samples/{step:07d}.png")
-                    save_real_vs_fake(reals, samples, run_dir / "real_vs_fake.png")
+                    rows = [x.float().cpu().unflatten(0, (-1, 8)) for x in (reals / 127.5 - 1, samples)]
+                    save_png(torch.cat(rows, 1).flatten(0, 1), run_dir / "real_vs_fake.png", nrow=16)
                 writer.add_image("samples/fixed_noise", grid, step)
                 generator.train()
                 state = {key: obj.state_dict() if obj is not None else None for key, obj in stateful.items()}

@@ -79,11 +79,71 @@ def build_models(script: str, image_size: int, channels: int, latent_dim: int = 
     return module.Generator(latent_dim, channels, image_size, 8), build_critic(script, channels, image_size, 8)
 
 
-def run(script: str, *args: str, cwd: Path, timeout: float = 240, env: dict = None) -> subprocess.CompletedProcess:
-    """Run a script as a user would, from `cwd`, and capture what it prints."""
+# Most tests run a script as a user would, as __main__ in a process of its own, its output captured. Starting Python and
+# importing torch, torchvision and tensorboard takes 3.5 s, longer than most tiny runs, so each run is forked from a
+# server process that imported them once (multiprocessing's forkserver: that server runs no torch op, so the fork is
+# safe). GAN_TESTS_SUBPROCESS=1 starts every run as a fresh `python script.py` instead.
+# Imported once, in the forkserver; every run forks from it. torch.compile's modules too: 2.5 s a compiling run.
+PRELOAD = ["torch", "torchvision", "torch.utils.tensorboard", "tyro", "tqdm", "PIL.Image", "numpy", "torch._dynamo"]
+PRELOAD += ["torch._inductor.compile_fx"]
+
+
+def _main(path: str, args: list, cwd: str, env: dict, out: str, err: str, prelude: str) -> None:
+    """The forked child: the script as __main__, with this argv, folder and environment; stdout and stderr to files;
+    `prelude` (Python source) runs first, in the child (a test's hooks)."""
+    import atexit
+    import runpy
+    import signal
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, name in ((1, out), (2, err)):
+        with open(name, "w") as f:
+            os.dup2(f.fileno(), fd)
+    sys.argv = [path, *args]
+    exec(prelude, {})
+    try:  # SystemExit, also fail()'s one line, reaches multiprocessing, which exits as the interpreter would
+        runpy.run_path(path, run_name="__main__")
+    except Exception:  # as the interpreter does: the error to sys.excepthook (the scripts set their own), exit code 1
+        sys.excepthook(*sys.exc_info())
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # the same, then the interpreter ends itself with SIGINT
+        sys.excepthook(*sys.exc_info())
+        atexit._run_exitfuncs()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        atexit._run_exitfuncs()  # multiprocessing's children skip them; a script's exit runs them
+
+
+def run(
+    script: str, *args: str, cwd: Path, timeout: float = 240, env: dict = None, prelude: str = ""
+) -> subprocess.CompletedProcess:
+    """Run a script as a user would, from `cwd`, and capture what it prints; `prelude`: Python run before it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    command = [sys.executable, str(ROOT / f"{script}.py"), *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    path = str(ROOT / f"{script}.py")
+    if os.environ.get("GAN_TESTS_SUBPROCESS") == "1":
+        code = f"import runpy, sys; exec({prelude!r}, {{}}); sys.argv = sys.argv[1:]; "
+        code += "runpy.run_path(sys.argv[0], run_name='__main__')"
+        command = [sys.executable, "-c", code, path, *args] if prelude else [sys.executable, path, *args]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        process = context.Process(target=_main, args=(path, list(args), str(cwd), env, out, err, prelude))
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired([path, *args], timeout)
+        with open(out) as o, open(err) as e:
+            return subprocess.CompletedProcess([path, *args], process.exitcode, o.read(), e.read())
 
 
 def last_line(text: str) -> str:
@@ -129,3 +189,30 @@ def trained(tmp_path_factory):
         return cache[script]
 
     return get
+
+
+def recorder(out: Path, classes: tuple, patches: str = "") -> str:
+    """A run() prelude that records the inputs and outputs of every forward of the modules whose class names are in
+    `classes` (the scripts' Generator, Critic, Discriminator), as (class name, training, grad enabled, inputs, output),
+    and saves the list to `out` when the script exits. `patches`: more source, run after (it may append to records)."""
+    return f"""
+import atexit, torch
+records = []
+def record(module, inputs, output):
+    if type(module).__name__ in {classes!r}:
+        detach = lambda x: x.detach().float().cpu().clone() if torch.is_tensor(x) else x
+        name, grad = type(module).__name__, torch.is_grad_enabled()
+        records.append((name, module.training, grad, [detach(x) for x in inputs], detach(output)))
+torch.nn.modules.module.register_module_forward_hook(record)
+atexit.register(lambda: torch.save(records, {str(out)!r}))
+{patches}
+"""
+
+
+# The tests that take a minute (torch.compile's first compile of a network, the benchmarks' end-to-end runs) start
+# first: xdist hands tests out in this order, so no worker is left alone with one of them at the end of the run.
+SLOW_FIRST = ("test_compile_trains", "test_speed_benchmark", "test_quality_benchmark", "test_quality_is_recorded")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.name.startswith(SLOW_FIRST))  # stable: the rest keep their order

@@ -67,30 +67,35 @@ def test_options_that_cannot_run_are_refused_with_one_line():
 
 def test_quality_benchmark_runs_end_to_end(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--scripts", "wgan_gp", "--seeds", "1",
-               "--fixed-steps", "2", "--budget-minutes", "0.15", "--num-images", "200",
+               "--fixed-steps", "2", "--budget-minutes", "0.25", "--num-images", "200",
                "--ablations", "no EMA=--ema-halflife 0",
                "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --ema-halflife 5000",
-               "--results-dir", str(tmp_path / "results"), "--assets-dir", str(tmp_path / "assets")]  # fmt: skip
+               "--results-dir", str(tmp_path / "results"), "--assets-dir", str(tmp_path / "assets"),
+               "--work-dir", str(tmp_path / "work")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     stored = json.loads((tmp_path / "results" / "quality.json").read_text())
     assert 0 <= stored["floor"]["fd"] < 1 and stored["classifier_accuracy"] > 0.9
     rows = {row["kind"]: row for row in stored["scripts"]["wgan_gp"]["rows"]}
     assert set(rows) == {"fixed", "budget", "budget-raw", "ablation"}
-    assert rows["budget-raw"]["steps"] == rows["budget"]["steps"]  # the same checkpoint, sampled without its EMA
-    assert rows["budget-raw"]["fd"] != rows["budget"]["fd"]  # and the two samples differ: each generator drew its own
+    assert rows["budget-raw"]["steps"] == rows["budget"]["steps"]  # the same checkpoint, sampled without its EMA:
+    budget = torch.load(tmp_path / "work" / "wgan_gp-seed1" / "checkpoint.pt", weights_only=True)
+    raw = torch.load(tmp_path / "work" / "wgan_gp-seed1-raw" / "checkpoint.pt", weights_only=True)
+    assert budget["ema"] is not None and raw["ema"] is None and raw["args"]["ema_halflife"] == 0
+    assert all(torch.equal(raw["generator"][k], v) for k, v in budget["generator"].items())
     for row in rows.values():
         assert math.isfinite(row["fd"]) and row["fd"] > stored["floor"]["fd"]
         assert 0 <= row["kl"] <= math.log(10) + 1e-9 and row["cond_acc"] is None
     assert rows["fixed"]["steps"] == 2 and rows["ablation"]["steps"] == 2
-    # The resumed run was stopped once the budget was spent. How far it got depends on the machine's
-    # load: a SIGTERM that lands while it is still starting leaves the checkpoint at step 2.
-    assert rows["budget"]["steps"] >= 2 and rows["budget"]["wall_s"] >= 9
+    # The resumed run was stopped by SIGTERM once the 15 s were spent, its step finished and saved (15 s leave the
+    # resumed run time to start even on a loaded machine), not run to its end.
+    assert 15 <= rows["budget"]["wall_s"] < 15 + 60 and rows["budget"]["steps"] == budget["step"] >= 2
+    assert "stopped at step" in (tmp_path / "work" / "wgan_gp-seed1.log").read_text()
     table = (tmp_path / "results" / "quality.md").read_text()
     assert (
         "| fixed 2 steps |" in table
-        and "| 0.15 min budget |" in table
-        and "| 0.15 min budget, sampled without EMA |" in table
+        and "| 0.25 min budget |" in table
+        and "| 0.25 min budget, sampled without EMA |" in table
         and "| no EMA | `--ema-halflife 0` |" in table
     )
     assert (tmp_path / "assets" / "wgan_gp-fashion-mnist.png").is_file()

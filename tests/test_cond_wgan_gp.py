@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tyro
-from conftest import copy_run, expect_error, load, load_checkpoint, run, tiny
+from conftest import copy_run, expect_error, load, load_checkpoint, recorder, run, tiny
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_data import CELEBA_ATTRIBUTES, write_celeba
@@ -206,17 +206,79 @@ def test_celeba_attribute_that_does_not_exist_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_checkpoint_with_another_class_count_is_refused(trained, tmp_path):
+def test_checkpoint_with_other_classes_is_refused_naming_both(trained, tmp_path):
     for k, name in enumerate(["cat", "dog", "wild"]):
         (tmp_path / "afhq" / name).mkdir(parents=True)
         for i in range(4):
             Image.new("L", (20, 20), color=60 * k).save(tmp_path / "afhq" / name / f"{i}.png")
     checkpoint = copy_run(trained("cond_wgan_gp"), tmp_path / "run")
-    flags = ["--resume", str(checkpoint), "--dataset", "folder", "--data-dir", "afhq", "--total-steps", "5"]
-    expect_error(
-        run("cond_wgan_gp", *flags, cwd=tmp_path), r"checkpoint\.pt was trained on 10 classes, the data has 3$"
-    )
+    flags = ["--resume", str(checkpoint), "--dataset", "folder", "--data-dir", "afhq", "--total-steps", "25"]
+    pattern = r"checkpoint\.pt was trained on the classes \['T-shirt/top', .*'Ankle boot'\], "
+    pattern += r"the data has \['cat', 'dog', 'wild'\]$"
+    expect_error(run("cond_wgan_gp", *flags, cwd=tmp_path), pattern)
     assert load_checkpoint(checkpoint)["step"] == 24
+
+
+def test_missing_celeba_attribute_file_is_one_line(tmp_path):
+    write_celeba(tmp_path / "noattrs", 8)
+    (tmp_path / "noattrs/celeba/list_attr_celeba.txt").unlink()
+    flags = [*tiny("cond_wgan_gp"), "--dataset", "celeba", "--data-dir", "noattrs", "--celeba-attrs", "Male"]
+    result = run("cond_wgan_gp", *flags, cwd=tmp_path)
+    expect_error(
+        result, r"^error: FileNotFoundError: .*No such file or directory: '.*noattrs/celeba/list_attr_celeba\.txt'$"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def write_classes(root, sizes: dict) -> None:
+    """A folder dataset, one subfolder of 16x16 gray images per class: {"a": 48, "b": 16}."""
+    for k, (name, n) in enumerate(sizes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (16, 16), color=40 + 100 * k + i).save(root / name / f"{i}.png")
+
+
+def test_fakes_take_the_reals_labels_and_generator_labels_follow_the_data(tmp_path):
+    """Recorded in a run on classes of 48 and 16 images: each critic step's fakes and penalty have the real batch's
+    labels, and the generator step draws labels as often as they occur in the data (3 to 1)."""
+    write_classes(tmp_path / "data", {"a": 48, "b": 16})
+    prelude = recorder(tmp_path / "records.pt", ("Generator", "Critic"))
+    flags = [*tiny("cond_wgan_gp"), "--dataset", "folder", "--data-dir", "data", "--image-size", "16", "--channels"]
+    flags += ["1", "--total-steps", "30", "--label", "1", "--run-name", "labels"]  # a --label while training: ignored
+    result = run("cond_wgan_gp", *flags, cwd=tmp_path, prelude=prelude)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in torch.load(tmp_path / "records.pt", weights_only=False) if r[1]]  # training mode only
+    critic_step, generator_step, drawn, penalties = None, None, [], 0
+    for name, _, grad, inputs, _ in records:
+        labels = inputs[1]
+        if name == "Generator":
+            critic_step, generator_step = (None, labels) if grad else (labels, None)
+            drawn += labels.tolist() if grad else []
+        elif len(labels) == 16:  # a critic step's real and fake batch in one forward
+            assert torch.equal(labels[:8], critic_step) and torch.equal(labels[8:], critic_step)
+        elif generator_step is None:  # the penalty, on every 4th critic step: the interpolates keep the labels
+            assert torch.equal(labels, critic_step)
+            penalties += 1
+        else:
+            assert torch.equal(labels, generator_step)
+    assert len(drawn) == 30 * 8 and penalties == 30 * 2 // 4
+    assert 150 <= drawn.count(0) <= 210  # 180 expected (3 of 4), sd 6.7
+    ckpt = load_checkpoint(tmp_path / "runs" / "labels" / "checkpoint.pt")
+    assert ckpt["args"]["label"] is None and ckpt["classes"] == ["a", "b"]  # --label is --generate's alone
+    result = run("cond_wgan_gp", "--generate", "runs/labels/checkpoint.pt", "--num-images", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.parent.name for p in (tmp_path / "runs/labels/generated").rglob("*.png")) == ["a", "a", "b", "b"]
+    # The same number of classes under other names: refused, naming both lists.
+    (tmp_path / "data" / "b").rename(tmp_path / "data" / "0")
+    flags = ["--resume", "runs/labels/checkpoint.pt", "--total-steps", "31"]
+    expect_error(
+        run("cond_wgan_gp", *flags, cwd=tmp_path), r"trained on the classes \['a', 'b'\], the data has \['0', 'a'\]$"
+    )
+    # A class folder left empty: refused, naming it.
+    (tmp_path / "data" / "c").mkdir()
+    (tmp_path / "data" / "0").rename(tmp_path / "data" / "b")
+    flags = [*tiny("cond_wgan_gp"), "--dataset", "folder", "--data-dir", "data", "--image-size", "16"]
+    expect_error(run("cond_wgan_gp", *flags, cwd=tmp_path), r"^error: no images in the class folders c of data: add ")
 
 
 ATTRS = r"^error: --dataset celeba takes --celeba-attrs: 1 to 8 different attributes, e.g. Male Smiling; got "
@@ -230,10 +292,6 @@ BAD_OPTIONS = {
         r"^error: --augment-rotate must be in \[0, 180\] degrees, got 200.0$",
     ),
     "embedding of 0": (["--embed-dim", "0"], r"^error: --embed-dim must be >= 1, got 0$"),
-    "celeba attributes file missing": (
-        ["--dataset", "celeba", "--data-dir", "noattrs", "--celeba-attrs", "Male"],
-        r"^error: CelebA attributes not found: expected noattrs/celeba/list_attr_celeba\.txt",
-    ),
     "image without attributes": (
         ["--dataset", "celeba", "--data-dir", "short", "--celeba-attrs", "Male"],
         r"^error: 000003\.jpg has no line of 40 values in short/celeba/list_attr_celeba\.txt \(2 images lack one\)$",

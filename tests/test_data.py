@@ -180,3 +180,46 @@ def test_training_on_celeba_decoded_by_workers(script, tmp_path):
     rows = {"cond_wgan_gp": 8}.get(script, 8)  # cond: one row per class, 2^3 classes
     with Image.open(tmp_path / "runs/faces/samples/0000002.png") as grid:
         assert grid.mode == "RGB" and grid.size == (8 * 34 + 2, rows * 34 + 2)
+
+
+def test_a_phone_photo_decodes_the_way_up_its_exif_orientation_says(tmp_path):
+    """Orientation 6: the sensor's pixels are to be turned 90 degrees clockwise, as every viewer shows them."""
+    (tmp_path / "images").mkdir()
+    sensor = np.zeros((32, 64, 3), np.uint8)
+    sensor[:, :32] = 255  # as stored: white on the left half, 64 wide and 32 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(sensor).save(tmp_path / "images" / "phone.jpg", exif=exif, quality=95)
+    pixels = data.decode_files([tmp_path / "images" / "phone.jpg"], size=16, channels=1)[0][0, 0].float()
+    # Shown: 32 wide and 64 high, white on top; its center square is 32x32 of the middle, resized to 16
+    assert pixels[:8].mean() > 200 and pixels[8:].mean() < 50  # upright, not sideways (left/right halves)
+
+
+@pytest.mark.parametrize("mode, values", [("F", np.float32(0.5)), ("I", np.int32(30000))])
+def test_32_bit_images_are_refused_by_name(mode, values, tmp_path):
+    """A float32 TIFF of 0.5 used to decode to black and an int32 one of 30000 to white: no range is agreed on."""
+    Image.fromarray(np.full((8, 8), values)).save(tmp_path / "deep.tif")
+    assert Image.open(tmp_path / "deep.tif").mode == mode
+    _, error = data.decode_files([tmp_path / "deep.tif"], size=16, channels=3)
+    assert error == f"{tmp_path / 'deep.tif'} has 32-bit pixels (mode {mode}): save it with 8 or 16 bits a channel"
+
+
+def test_symlinked_folders_are_followed_and_an_unreadable_one_stops_the_run(tmp_path, monkeypatch):
+    for folder, shade in (("real/cats", 0), ("elsewhere/dogs", 200)):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (16, 16), color=shade + i).save(tmp_path / folder / f"{i}.png")
+    (tmp_path / "real" / "dogs").symlink_to(tmp_path / "elsewhere" / "dogs", target_is_directory=True)
+    args = args_for(dataset="folder", data_dir=str(tmp_path / "real"), image_size=16, channels=1)
+    images, labels, classes, _ = data.load_dataset(args)
+    assert classes == ["cats", "dogs"] and labels.tolist() == [0, 0, 1, 1] and images[2:].float().mean() > 190
+    scandir = data.os.scandir  # as root every folder reads: a scandir that refuses one stands for chmod 000
+
+    def refusing(path="."):
+        if str(path).endswith("dogs"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(data.os, "scandir", refusing)
+    with pytest.raises(SystemExit, match=r"^error: Permission denied: .*real/dogs$"):
+        data.load_dataset(args)  # not 2 of 4 images in silence

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import tyro
-from conftest import load, load_checkpoint, run, tiny
+from conftest import load, load_checkpoint, recorder, run, tiny
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 dcgan = load("dcgan")
@@ -83,9 +83,10 @@ def test_dropout_and_leaky_generator_change_the_layers_not_the_weights():
     assert not any(isinstance(m, nn.ReLU) for m in leaky_g.modules())
 
 
-REAL_LABEL = r"^error: --real-label must be LOW or LOW HIGH with 0 < LOW <= HIGH, got "
+REAL_LABEL = r"^error: --real-label must be LOW or LOW HIGH, 0 < LOW <= HIGH, got "
 BAD_OPTIONS = {
     "real label of 0": (["--real-label", "0"], REAL_LABEL + r"\(0.0,\)$"),
+    "no real label": (["--real-label"], REAL_LABEL + r"\(\)$"),
     "infinite real label": (["--real-label", "inf"], REAL_LABEL + r"\(inf,\)$"),
     "inverted label range": (["--real-label", "1.2", "0.7"], REAL_LABEL + r"\(1.2, 0.7\)$"),
     "label range from 0": (["--real-label", "0", "1"], REAL_LABEL + r"\(0.0, 1.0\)$"),
@@ -155,3 +156,35 @@ def test_discriminator_separates_one_batch_of_real_from_fake(tmp_path):
     assert abs(d_real[0] - d_fake[0]) < 0.15
     assert d_real[-1] - d_fake[-1] > 0.3, (d_real, d_fake)
     assert d_real[-1] > d_real[0] and d_fake[-1] < d_fake[0]
+
+
+def test_instance_noise_falls_linearly_to_zero_and_real_targets_are_drawn_per_image_and_step(tmp_path):
+    """Recorded in a run: with torch.randn_like returning ones, the noise on an input is the step's std itself."""
+    patches = """
+torch.randn_like = lambda x, **kwargs: torch.ones_like(x, **kwargs)
+bce = torch.nn.functional.binary_cross_entropy_with_logits
+def recording(logits, target, *args, **kwargs):
+    records.append(("targets", None, None, [target.detach().cpu().clone()], None))
+    return bce(logits, target, *args, **kwargs)
+torch.nn.functional.binary_cross_entropy_with_logits = recording
+"""
+    prelude = recorder(tmp_path / "records.pt", ("Generator", "Discriminator"), patches)
+    flags = [*tiny("dcgan"), "--precision", "fp32", "--real-label", "0.7", "1.2", "--instance-noise", "0.1"]
+    result = run("dcgan", *flags, "--total-steps", "4", "--run-name", "noise", cwd=tmp_path, prelude=prelude)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = torch.load(tmp_path / "records.pt", weights_only=False)
+    fakes = [out for name, training, _, _, out in records if name == "Generator" and training]
+    inputs = [x[0] for name, training, _, x, _ in records if name == "Discriminator" and training]
+    assert len(fakes) == 4 and len(inputs) == 12  # a step: D(real), D(fake) for D, D(fake) for G
+    for step in range(4):
+        std = 0.1 * (1 - step / 4)  # linear from --instance-noise at step 0 to 0 after the last
+        for fake_input in inputs[3 * step + 1 : 3 * step + 3]:
+            torch.testing.assert_close(fake_input - fakes[step], torch.full_like(fakes[step], std))
+    targets = [
+        x[0]
+        for name, _, _, x, _ in records
+        if name == "targets" and not torch.isin(x[0], torch.tensor([0.0, 1.0])).all()
+    ]
+    assert len(targets) == 4 and all(t.shape == (8,) and 0.7 <= t.min() and t.max() <= 1.2 for t in targets)
+    assert all(len(set(t.tolist())) == 8 for t in targets)  # one draw per image
+    assert all(not torch.equal(targets[0], t) for t in targets[1:])  # and per step

@@ -2,9 +2,11 @@
 averaged gradients equal those of one process that sees the whole batch."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -167,3 +169,24 @@ def test_bad_input_of_a_job_stops_every_process_with_one_line(flags, message, tm
     assert all(p.returncode == 1 for p in processes)
     assert [e.strip().splitlines()[-1] for e in errors] == [message, message]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_stop_on_one_process_stops_every_process_at_the_same_step_and_rank_0_saves(tmp_path):
+    """SIGTERM to rank 1 alone: the stop flag, all-reduced every step, ends both at one step; rank 0 writes the
+    checkpoint of that step and both exit with 128 + 15."""
+    port, processes = free_port(), []
+    flags = [*tiny("wgan_gp"), "--device", "cpu", "--total-steps", "100000", "--sample-every", "100000", *JOB_FLAGS]
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        command = [sys.executable, str(ROOT / "wgan_gp.py"), *flags]
+        processes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True))
+    events, deadline = tmp_path / "runs" / "job", time.time() + 120
+    while not list(events.glob("events.*")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # a few steps in
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
+    step = torch.load(events / "checkpoint.pt", weights_only=True)["step"]
+    assert step > 0 and f"stopped at step {step}" in outputs[0] and outputs[1] == ""  # rank 0 reports, once

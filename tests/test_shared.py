@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import tyro
@@ -90,20 +91,46 @@ def test_training_run_logs_finite_scalars_grids_and_checkpoint(script, trained):
     assert not list(run_dir.glob("*.tmp"))
 
 
-def test_ema_halflife_sets_the_decay_per_step_from_the_images_a_step_sees(tmp_path):
+@pytest.mark.parametrize("halflife, moved", [(2, 1 - 0.5**4), (1e9, 0.9)])
+def test_ema_halflife_sets_the_decay_per_step_and_the_warm_up_caps_it(halflife, moved, tmp_path):
     # Batch 8 and a half-life of 2 images: decay 0.5 ** (8 / 2) = 0.0625 per step, under the warm-up's cap of 1/10 at
     # step 0, so after one step the average has moved 1 - 0.0625 of the way from the initial to the trained weights.
+    # A half-life of 1e9 images: decay 0.5 ** (8 / 1e9), nearly 1, so the cap (1 + 0) / (10 + 0) = 0.1 sets it: 0.9.
     module = load(SHARED_SCRIPT)
-    flags = [*tiny(SHARED_SCRIPT), "--ema-halflife", "2", "--seed", "1", "--total-steps", "1", "--run-name", "ema"]
-    result = run(SHARED_SCRIPT, *flags, cwd=tmp_path)
+    flags = [*tiny(SHARED_SCRIPT), "--ema-halflife", str(halflife), "--seed", "1", "--total-steps", "1"]
+    result = run(SHARED_SCRIPT, *flags, "--precision", "fp32", "--run-name", "ema", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "runs/ema/checkpoint.pt")
     torch.manual_seed(1)  # the script seeds the same way right before it builds the generator
     start = module.Generator(128, 1, 32, 8).state_dict()
     for name, ema in ckpt["ema"].items():
-        if name.endswith("weight") and ema.dim() > 1:  # the conv weights: each moved 1 - decay of the way
+        if name.endswith("weight") and ema.dim() > 1:  # the conv weights: each moved `moved` of the way
             trained, initial = ckpt["generator"][name], start[name]
-            torch.testing.assert_close(ema, initial + (1 - 0.5**4) * (trained - initial), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(ema, initial + moved * (trained - initial), rtol=1e-5, atol=1e-7)
+    buffers = [name for name in ckpt["ema"] if "running" in name]  # batch norm's statistics: copied, not averaged
+    assert buffers and all(torch.equal(ckpt["ema"][name], ckpt["generator"][name]) for name in buffers)
+
+
+def test_generate_draws_from_the_moving_average_and_needs_no_data(trained, tmp_path):
+    module, checkpoint = load(SHARED_SCRIPT), copy_run(trained(SHARED_SCRIPT), tmp_path / "run")
+    flags = ["--generate", str(checkpoint), "--num-images", "2", "--data-dir", str(tmp_path / "no-such-data")]
+    result = run(SHARED_SCRIPT, *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    ckpt, written = load_checkpoint(checkpoint), []
+    for i in range(2):
+        with Image.open(tmp_path / "run" / "generated" / f"{i:06d}.png") as image:
+            written.append(torch.from_numpy(np.array(image)))
+    for weights, expect_match in (("ema", True), ("generator", False)):
+        generator = module.Generator(128, 1, 32, 8)
+        generator.load_state_dict(ckpt[weights])
+        torch.manual_seed(ckpt["args"]["seed"])  # as --generate does, before image 0
+        with torch.no_grad():
+            images = [generator.eval()(torch.randn(1, 128))[0, 0] for _ in range(2)]
+        pixels = [x.add(1).mul(127.5).round().clamp(0, 255) for x in images]
+        gaps = [(a - b.float()).abs().max().item() for a, b in zip(pixels, written)]
+        assert all(gap <= 1 for gap in gaps) == expect_match, (weights, gaps)  # 1: the script's channels_last rounds
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -174,10 +201,15 @@ def test_generate_writes_pngs_beside_the_checkpoint_and_a_grid_outside_their_fol
 
 
 BAD_INPUTS = {
-    "missing data dir": (["--dataset", "folder", "--data-dir", "does/not/exist"], r"no images in does/not/exist"),
+    "missing data dir": (["--dataset", "folder", "--data-dir", "does/not/exist"], r"No such file .*: does/not/exist$"),
     "empty data dir": (["--dataset", "folder", "--data-dir", "empty"], r"no images in empty \(looked for \.jpg"),
     "non-image file": (["--dataset", "folder", "--data-dir", "corrupt"], r"corrupt/b\.png is not a readable image"),
-    "missing celeba": (["--dataset", "celeba", "--data-dir", "empty"], r"no images in empty/celeba/img_align_celeba"),
+    "missing celeba": (
+        ["--dataset", "celeba", "--data-dir", "empty"],
+        r"No such file .*: empty/celeba/img_align_celeba",
+    ),
+    "seed beyond 32 bits": (["--seed", "20000000000000"], r"--seed must be in \[0, 2\^32\), got 20000000000000$"),
+    "negative seed": (["--seed", "-1"], r"--seed must be in \[0, 2\^32\), got -1$"),
     "image size not a power of two": (
         ["--image-size", "48"],
         r"--image-size must be a power of two from 16 to 256, got 48",
@@ -248,8 +280,9 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(script, bad_inputs_dir
 def test_checkpoint_with_other_shapes_is_refused(script, trained, tmp_path):
     checkpoint = copy_run(trained(script), tmp_path / "run")
     before = checkpoint.read_bytes()
-    result = run(script, "--resume", str(checkpoint), "--g-width", "16", cwd=tmp_path)
-    expect_error(result, r"checkpoint .*checkpoint\.pt does not fit this run: size mismatch for \S+: copying a param")
+    flag = "--generate" if script in ("dcgan", "resnet_sn_wgan_gp") else "--resume"  # the message names either's file
+    result = run(script, flag, str(checkpoint), "--g-width", "16", cwd=tmp_path)
+    expect_error(result, rf"checkpoint {checkpoint} does not fit this run: size mismatch for \S+: copying a param")
     assert checkpoint.read_bytes() == before
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoint.pt"]  # no events file, no folders
 
@@ -259,7 +292,7 @@ def test_existing_run_is_not_overwritten(script, trained):
     run_dir = trained(script)
     before = (run_dir / "checkpoint.pt").read_bytes()
     result = run(script, *tiny(script), "--run-name", "tiny", cwd=run_dir.parent.parent)
-    expect_error(result, r"cannot make the run folder runs/tiny \(File exists\): pick another --run-name or --resume")
+    expect_error(result, r"^error: FileExistsError: \[Errno 17\] File exists: 'runs/tiny'$")
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
 

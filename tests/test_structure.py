@@ -11,7 +11,7 @@ BUDGETS = {"wgan_gp": 450, "dcgan": 450, "resnet_sn_wgan_gp": 500, "cond_wgan_gp
 METHOD = {"Args", "Generator", "Critic", "check_args"}
 # The plumbing every script has; a name missing from one script would split the shared design.
 SHARED = {"load_dataset", "decode_files", "batch_indices", "fail", "setup_device", "optimizer_step", "load_checkpoint"}
-SHARED |= {"write_atomic", "save_png", "save_real_vs_fake"}
+SHARED |= {"write_atomic", "save_png", "one_line"}
 
 
 def definitions(script: str) -> dict:
