@@ -269,37 +269,42 @@ def script_command(script, flags, args, size, channels, device, name, steps, roo
     ]  # fmt: skip
 
 
-# Runs a script (argv[1:]) under a FLOP counter and prints "flops <total>" last; speed.py's own GlobalOnly, because
-# the counter's per-module tracker rejects the penalty's autograd.grad on a leaf.
+# Runs a script (argv[1:]) under a FLOP counter and prints "flops" and the running total after every optimizer step,
+# last; speed.py's own GlobalOnly, because the counter's per-module tracker rejects the penalty's autograd.grad on a
+# leaf.
 FLOP_RUNNER = """
 import contextlib, runpy, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 class GlobalOnly(contextlib.nullcontext):
     parents = {"Global"}
-counter = FlopCounterMode(display=False)
+counter, totals = FlopCounterMode(display=False), []
 counter.mod_tracker = GlobalOnly()
+register_optimizer_step_post_hook(lambda *_: totals.append(counter.get_total_flops()))
 sys.argv = sys.argv[1:]
 with counter:
     runpy.run_path(sys.argv[0], run_name="__main__")
-print("flops", counter.get_total_flops())
+print("flops", *totals)
 """
 
 
 def script_flops(script, flags, args, size, channels, device, workdir: Path, period: int) -> float:
-    """FLOPs per generator step of a script's own loop, in fp32 (the count is the same in every precision): the FLOPs
-    of 2 * period steps minus those of period steps, over period, so that the start and the final grid cancel out;
-    period: the lazy penalty's, whose pattern repeats every `period` steps (a penalised critic step every gp_every)."""
-    totals = []
-    for steps in (period, 2 * period):
-        name = f"flops-{script}-{size}x{channels}-{len(list(workdir.glob('runs/flops-*')))}"
-        command = script_command(script, [*flags, "--precision", "fp32"], args, size, channels, device, name, steps)
-        command.insert(1, "-c")
-        command.insert(2, FLOP_RUNNER)
-        result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
-        if result.returncode != 0:
-            raise SystemExit(f"error: counting {script}.py's FLOPs failed: {result.stderr.strip().splitlines()[-1]}")
-        totals.append(float(result.stdout.split()[-1]))
-    return (totals[1] - totals[0]) / period
+    """FLOPs per generator step of a script's own loop, in fp32 (the count is the same in every precision), from one
+    run of 2 * period steps: the running total after step 2 * period's last optimizer step (the generator's) minus that
+    after step period's, over period, so that the start and the final grid fall outside; period: the lazy penalty's,
+    whose pattern repeats every `period` steps (a penalised critic step every gp_every)."""
+    name = f"flops-{script}-{size}x{channels}-{len(list(workdir.glob('runs/flops-*')))}"
+    steps = 2 * period
+    command = script_command(script, [*flags, "--precision", "fp32"], args, size, channels, device, name, steps)
+    command.insert(1, "-c")
+    command.insert(2, FLOP_RUNNER)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workdir)
+    if result.returncode != 0:
+        raise SystemExit(f"error: counting {script}.py's FLOPs failed: {result.stderr.strip().splitlines()[-1]}")
+    totals = [float(t) for t in result.stdout.split("flops")[-1].split()]
+    per_step = len(totals) // steps  # optimizer steps per generator step: n_critic + 1
+    assert per_step * steps == len(totals), f"{len(totals)} optimizer steps in {steps} generator steps"
+    return (totals[-1] - totals[period * per_step - 1]) / period
 
 
 def script_levers(script: str, device: torch.device, compile_rows: bool = True) -> List[tuple]:

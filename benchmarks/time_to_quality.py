@@ -230,10 +230,9 @@ def train_all(jobs: list, args: Args, work: Path) -> dict:
     return folders
 
 
-def score_all(folders: dict, args: Args) -> dict:
-    """Score every saved generator of every run: {row: {seed: [{minute, steps, fd, kl, cond_acc}, ...]}}."""
-    model, (test_images, _) = load_classifier(), load_test_set()
-    reference = quality.gaussian_fit(quality.classify(model, test_images)[0])
+def score_all(folders: dict, args: Args, model, reference: tuple) -> dict:
+    """Score every saved generator of every run: {row: {seed: [{minute, steps, seconds, fd, kl, cond_acc}, ...]}};
+    `reference`: the Gaussian fit of the classifier's features of the test images."""
     results = {}
     for (row, seed), out in folders.items():
         points = []
@@ -343,11 +342,11 @@ def main(args: Args) -> None:
             work = Path(args.work_dir or tmp)
             work.mkdir(parents=True, exist_ok=True)
             folders = train_all([(row, seed) for row in rows for seed in args.seeds], args, work)
-            scored = score_all(folders, args)
-        model, (test_images, _) = load_classifier(), load_test_set()
+            model, (test_images, _) = load_classifier(), load_test_set()
+            reference = quality.gaussian_fit(quality.classify(model, test_images)[0])
+            scored = score_all(folders, args, model, reference)
         train_images, _ = quality.load_train_set()
         subset = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:10000]
-        reference = quality.gaussian_fit(quality.classify(model, test_images)[0])
         floor = quality.frechet_distance(
             *quality.gaussian_fit(quality.classify(model, train_images[subset])[0]), *reference
         )

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, SCRIPTS, tiny
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 UNCONDITIONAL_GP_SCRIPTS = [s for s in ["wgan_gp", "resnet_sn_wgan_gp"] if s in SCRIPTS]
 # A two-process job small enough for a test: 32 images, 4 per process and step, a log every step.
@@ -19,8 +20,8 @@ JOB_FLAGS = ["--log-every", "1", "--run-name", "job", "--max-images", "32", "--b
 # Runs a whole script as rank RANK of a 2-process job, then saves the parameters of every network it
 # built: the script's main block runs at module level, so its networks are globals afterwards.
 RUN_SCRIPT = """
-import runpy, sys, torch
-script, out = sys.argv[1], sys.argv[2]
+import os, runpy, sys, torch
+script, out = sys.argv[1], sys.argv[2].format(**os.environ)  # rank{RANK}.pt
 sys.argv = [script, *sys.argv[3:]]
 g = runpy.run_path(script, run_name="__main__")
 nets = {k: v for k, v in g.items() if isinstance(v, torch.nn.Module) and not k.endswith("_fwd")}
@@ -86,9 +87,22 @@ def run_ranks(world: int, argv_of_rank, cwd) -> None:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_ranks_keep_identical_weights_and_only_rank0_writes(script, tmp_path):
+    """wgan_gp.py's job is launched by torchrun itself, the others' with the environment it gives."""
     (tmp_path / "worker.py").write_text(RUN_SCRIPT)
     flags = [*tiny(script), "--total-steps", "3", *JOB_FLAGS]
-    run_ranks(2, lambda rank: ["worker.py", str(ROOT / f"{script}.py"), f"rank{rank}.pt", *flags], tmp_path)
+    argv = ["worker.py", str(ROOT / f"{script}.py"), "rank{RANK}.pt", *flags]
+    if script == "wgan_gp":
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([*torchrun, str(free_port()), *argv], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=240)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("finished at step 3") == 1  # one process reports, the other stays quiet
+        events = EventAccumulator(str(tmp_path / "runs" / "job")).Reload()
+        assert [e.step for e in events.Scalars("charts/images_per_sec")] == [1, 2, 3]
+        assert all(e.value > 0 for e in events.Scalars("charts/images_per_sec"))
+    else:
+        run_ranks(2, lambda rank: argv, tmp_path)
     nets = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert {"generator"} < set(nets[0]) and len(nets[0]) >= 2  # the generator, the critic, the EMA where kept
     for name, params in nets[0].items():
@@ -116,30 +130,6 @@ def test_critic_update_of_two_ranks_equals_one_process_on_the_whole_batch(script
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
     for name, weight in single["weights"].items():
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-5, atol=1e-6)
-
-
-def test_torchrun_launches_a_two_process_job(tmp_path):
-    flags = [*tiny("wgan_gp"), "--total-steps", "2", *JOB_FLAGS]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "wgan_gp.py"),
-        *flags,
-    ]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("finished at step 2") == 1  # one process reports, the other stays quiet
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tmp_path / "runs" / "job")).Reload()
-    per_sec = [e.value for e in events.Scalars("charts/images_per_sec")]
-    assert len(per_sec) == 2 and all(v > 0 for v in per_sec)
 
 
 @pytest.mark.parametrize(
