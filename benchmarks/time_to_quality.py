@@ -147,6 +147,8 @@ def child(spec: dict) -> None:
                 }
                 args = dataclasses.asdict(namespace["args"])
                 state.update(kind=namespace["CHECKPOINT_KIND"], args=args, step=steps[0], reals=namespace["reals"])
+                if "classes" in namespace:  # cond_wgan_gp.py's --generate names its folders after them
+                    state["classes"] = namespace["classes"]
                 torch.save(state, folder / "checkpoint.pt")
             (folder / "steps").write_text(str(steps[0]))
             (folder / "seconds").write_text(f"{time.time() - spec['launched']:.3f}")

@@ -1,5 +1,6 @@
 """benchmarks/time_to_quality.py on a tiny run: the generator saved at each wall-clock mark, for one of the scripts
-and for a reference-like training file from outside the repository, scored afterwards; then its table and plot."""
+(the conditional one, whose checkpoint and scoring carry the most) and for a reference-like training file from outside
+the repository, scored afterwards; then its table and plot."""
 
 import json
 import subprocess
@@ -44,30 +45,33 @@ def test_quality_is_recorded_at_each_mark_for_a_script_and_a_reference_then_tabl
     (tmp_path / "checkout").mkdir()
     (tmp_path / "checkout" / "reference.py").write_text(REFERENCE)
     (tmp_path / "harness.py").write_text(HARNESS.format(bench=str(ROOT / "benchmarks")))
-    flags = " ".join(tiny("wgan_gp"))
-    command = [sys.executable, str(tmp_path / "harness.py"), "--rows", "wgan_gp.py", "tiny reference",
+    flags = " ".join(tiny("cond_wgan_gp"))
+    command = [sys.executable, str(tmp_path / "harness.py"), "--rows", "cond_wgan_gp.py", "tiny reference",
                "--seeds", "1", "--minutes", "0.08", "0.12", "--num-images", "64", "--pytorch-gan",
                str(tmp_path / "checkout"), f"--script-flags={flags}", "--results-dir", str(tmp_path / "results"),
                "--plot", str(tmp_path / "plot.png"), "--work-dir", str(tmp_path / "work")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     stored = json.loads((tmp_path / "results" / "time-to-quality.json").read_text())
-    assert set(stored["rows"]) == {"wgan_gp.py", "tiny reference"}
+    assert set(stored["rows"]) == {"cond_wgan_gp.py", "tiny reference"}
     for row, seeds in stored["rows"].items():
         points = seeds["1"]
         assert [p["minute"] for p in points] == [0.08, 0.12], row
         assert 0 < points[0]["steps"] <= points[1]["steps"] and all(p["fd"] > stored["floor"] for p in points), row
         # Saved at the first step past each mark: the last, long after startup, within a few tiny steps of its time.
         assert all(p["seconds"] >= 60 * p["minute"] for p in points) and points[1]["seconds"] < 60 * 0.12 + 3, row
+        # The conditional script is also scored on the class asked for (its checkpoint keeps the class names).
+        assert all((0 <= p["cond_acc"] <= 1) if row == "cond_wgan_gp.py" else p["cond_acc"] is None for p in points)
     # Each mark saved while training, at its time: this repository's checkpoint format, the reference's weights.
-    ours = tmp_path / "work" / "wgan_gp.py-seed1"
-    assert (ours / "0.08min" / "checkpoint.pt").is_file() and (ours / "0.12min" / "generated" / "000063.png").is_file()
+    ours = tmp_path / "work" / "cond_wgan_gp.py-seed1"
+    assert (ours / "0.08min" / "checkpoint.pt").is_file()
+    assert len(list((ours / "0.12min" / "generated").glob("*/*.png"))) == 64  # one folder per class, named after it
     reference = tmp_path / "work" / "tiny_reference-seed1"
     assert (reference / "0.12min" / "generator.pt").is_file()
     with Image.open(reference / "0.12min" / "generated" / "000000.png") as image:
         assert image.size == (32, 32)  # resized from the reference's 28 to be scored as ours are
     assert (reference / "cwd" / "data" / "mnist").is_dir()  # its ../../data/mnist stayed inside the run's folder
     table = (tmp_path / "results" / "time-to-quality.md").read_text()
-    assert "| wgan_gp.py |" in table and "| tiny reference |" in table and "FD after 0.12 min" in table
+    assert "| cond_wgan_gp.py |" in table and "| tiny reference |" in table and "FD after 0.12 min" in table
     with Image.open(tmp_path / "plot.png") as plot:
         assert plot.size[0] > 500 and plot.size[1] > 300
