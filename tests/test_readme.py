@@ -27,3 +27,10 @@ def test_every_logged_scalar_is_explained_in_the_readme(script):
 def test_the_line_counts_in_the_readme_are_the_scripts(script):
     lines = len((ROOT / f"{script}.py").read_text().splitlines())
     assert f"| [`{script}.py`]({script}.py) | {lines} |" in (ROOT / "README.md").read_text()
+
+
+def test_the_time_to_quality_table_in_the_readme_is_the_measured_one():
+    stored = (ROOT / "benchmarks/results/time-to-quality.md").read_text()
+    table = [line for line in stored.splitlines() if line[:1] == "|"]
+    assert len(table) >= 2 + 8  # the header and one row per script and reference
+    assert "\n".join(table) in (ROOT / "README.md").read_text()
