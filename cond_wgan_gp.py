@@ -7,21 +7,26 @@ data's classes: G takes the label's embedding beside z (Mirza & Osindero 2014); 
     python cond_wgan_gp.py --dataset folder --data-dir ~/data/afhq/train  # AFHQ cat, dog, wild; no flags: Fashion-MNIST
 """
 
+import atexit
+import contextlib
 import copy
 import ctypes
 import dataclasses
+import fcntl
 import functools
 import gzip
 import itertools
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
-from typing import Literal, NoReturn, Optional
+from typing import Literal, NoReturn, Optional, Union, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn as nn
@@ -207,11 +212,14 @@ def load_dataset(args: Args) -> tuple:
     root = Path(args.data_dir) if args.data_dir else Path(__file__).resolve().parent / "data"
     if args.dataset in ("celeba", "folder"):
         folder = root / "celeba" / "img_align_celeba" if args.dataset == "celeba" else root
-        types = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+        types = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff")
         walk = list(os.walk(folder, onerror=lambda e: fail(f"{e.strerror}: {e.filename}"), followlinks=True))
         files = sorted(Path(d, n) for d, _, ns in walk for n in ns if n.lower().endswith(types))[: args.max_images]
         if not files:
             fail(f"no images in {folder} (looked for {' '.join(types)} in it and its subfolders)")
+        others = sorted({Path(n).suffix.lower() or n for _, _, ns in walk for n in ns if not n.lower().endswith(types)})
+        if others:  # .heic, say: PIL reads it only with a plugin; a skipped photo is named, not silently left out
+            print(f"note: skipped the files of other types in {folder}: {' '.join(others)}", file=sys.stderr)
         # The top-level subfolders are the classes (AFHQ: cat/, dog/, wild/); files at the top have none.
         tops = [p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None for p in files]
         classes = sorted(walk[0][1])
@@ -221,15 +229,22 @@ def load_dataset(args: Args) -> tuple:
         decode = functools.partial(decode_files, size=args.image_size, channels=args.channels or 3)
         loader = torch.utils.data.DataLoader(files, 64, num_workers=min(8, cores), collate_fn=decode)
         images = torch.empty(len(files), args.channels or 3, args.image_size, args.image_size, dtype=torch.uint8)
-        for k, (pixels, error) in enumerate(tqdm(loader, f"decoding {len(files)} images", unit="batch")):
-            if error:
-                fail(error)
-            images[64 * k : 64 * k + len(pixels)] = pixels
+        progress = tqdm(loader, f"decoding {len(files)} images", unit="batch", disable=sys.stderr is None)
+        try:  # a worker killed (out of memory) or crashed in an image library: its error, in one line
+            for k, (pixels, error) in enumerate(progress):
+                if error:
+                    fail(error)
+                images[64 * k : 64 * k + len(pixels)] = torch.from_numpy(pixels)
+        except RuntimeError as e:
+            fail(f"decoding stopped: {str(e).strip().splitlines()[0]}")
     else:
         name = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}[args.dataset]
         for gz in (root / name / "raw").glob("*-ubyte.gz"):  # ours ship gzipped with md5s torchvision lacks:
             if not gz.with_suffix("").exists():  # extracted as its download would
-                write_atomic(gz.with_suffix(""), gzip.decompress(gz.read_bytes()))
+                try:
+                    write_atomic(gz.with_suffix(""), gzip.decompress(gz.read_bytes()))
+                except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a download cut short, a bad copy
+                    fail(f"{gz} is damaged ({e}): delete it to download it again, or copy it anew")
         try:
             data = getattr(torchvision.datasets, name)(str(root), train=True, download=True)
         except Exception as e:  # urllib and torchvision raise many kinds; all mean the same to the user
@@ -241,26 +256,31 @@ def load_dataset(args: Args) -> tuple:
             images = TF.rgb_to_grayscale(images) if args.channels == 1 else images.expand(-1, 3, -1, -1)
         size = [args.image_size] * 2  # resized in chunks: a float copy of the whole set would be 4x its size
         images, files = torch.cat([TF.resize(c, size, antialias=True) for c in images.split(4096)]), []
-    if len(images) < (need := args.batch_size * int(os.environ.get("WORLD_SIZE", 1))):  # a batch for every process
+    if len(images) < (need := args.batch_size * int(os.environ.get("WORLD_SIZE", "1"))):  # a batch for every process
         fail(f"the dataset has {len(images)} images, fewer than one batch of {need} (--batch-size x processes)")
     args.channels = images.size(1)
     return images, labels, classes, files
 
 
 def decode_files(files: list, size: int, channels: int) -> tuple:
-    """(B, C, S, S) uint8, each file's center square resized, and "" or what failed (runs in a DataLoader worker)."""
+    """(B, C, S, S) uint8, each file's center square resized, and "" or what failed (runs in a DataLoader worker).
+    A NumPy array, not a tensor: a worker's tensor travels through /dev/shm (64 MB in Docker), which, once full,
+    killed the batch in the worker's sending thread and left the run waiting for it for ever."""
     images = torch.zeros(len(files), channels, size, size, dtype=torch.uint8)
     for i, file in enumerate(files):
         try:
             with Image.open(file) as im:
                 if im.mode in ("F", "I"):  # no brightness range that viewers agree on: refused; below, EXIF's rotation
-                    return images, f"{file} has 32-bit pixels (mode {im.mode}): save it with 8 or 16 bits a channel"
+                    return (
+                        images.numpy(),
+                        f"{file} has 32-bit pixels (mode {im.mode}): save it with 8 or 16 bits a channel",
+                    )
                 im = ImageOps.exif_transpose(im.point(lambda v: v / 256) if im.mode.startswith("I;16") else im)
                 im = TF.center_crop(TF.resize(im.convert("RGB" if channels == 3 else "L"), size), size)
                 images[i] = TF.pil_to_tensor(im)
         except Exception as e:  # PIL raises many kinds
-            return images, f"{file} is not a readable image ({type(e).__name__}: {e})"
-    return images, ""
+            return images.numpy(), f"{file} is not a readable image ({type(e).__name__}: {e})"
+    return images.numpy(), ""
 
 
 def batch_indices(n: int, batch_size: int, seed: int, start: int, rank: int = 0, world_size: int = 1):
@@ -332,8 +352,13 @@ def setup_device(args: Args) -> tuple:
     args.precision = ("bf16" if bf16 else "fp16" if cuda else "fp32") if args.precision == "auto" else args.precision
     if device.type == "cpu" and sys.platform == "linux":  # glibc hands freed blocks over 128 KB back, so a step's
         ctypes.CDLL(None).mallopt(-3, 32 << 20), ctypes.CDLL(None).mallopt(-1, 1 << 30)  # would fault in anew: README
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    world_size = os.environ.get("WORLD_SIZE", "1")  # set by torchrun, with RANK and the rendezvous address
+    if not world_size.isdigit() or int(world_size) < 1:
+        fail(f"WORLD_SIZE={world_size} is not a number of processes")
+    if int(world_size) == 1:
         return device, 0, 1
+    if not all(os.environ.get(name) for name in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        fail(f"WORLD_SIZE={world_size} without RANK, MASTER_ADDR and MASTER_PORT: start the processes with torchrun")
     torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -344,7 +369,7 @@ def optimizer_step(loss, optimizer, scaler, module: nn.Module, world_size: int, 
     scaler.scale(loss).backward()
     if world_size > 1 and (grads := [p.grad for p in module.parameters() if p.grad is not None]):  # why not DDP: README
         flat = torch.cat([g.flatten() for g in grads])  # one all-reduce of one flat buffer, after the backward
-        torch.distributed.all_reduce(flat)  # a sum: a non-finite fp16 gradient reaches all, and all skip the step
+        all_reduce(flat)  # a sum: a non-finite fp16 gradient reaches all, and all skip the step
         nn.utils.vector_to_parameters(flat.div_(world_size), grads)
     scale = scaler.scale(torch.ones((), device=loss.device))  # a tensor (get_scale() syncs), halved on a skip:
     scaler.step(optimizer)
@@ -353,15 +378,45 @@ def optimizer_step(loss, optimizer, scaler, module: nn.Module, world_size: int, 
     sums += torch.stack([logged, torch.ones_like(logged)]).where(scaler.scale(torch.ones_like(scale)) >= scale, 0)
 
 
+def all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM, group=None) -> None:
+    """torch.distributed.all_reduce; when another process of the job has died, one line instead of gloo's traceback."""
+    try:
+        torch.distributed.all_reduce(tensor, op, group=group)
+    except RuntimeError as e:  # gloo: "[.../pair.cc:545] Read error [addr]: Connection reset by peer. This is ..."
+        fail(f"another process of the job stopped ({str(e).splitlines()[0].split('] ', 1)[-1].split('. ')[0]})")
+
+
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint of this script, with its settings as Args; one line when it is missing, unreadable or foreign."""
+    """A checkpoint of this script, with its settings as Args; one line when it is missing, unreadable, foreign or
+    malformed: a setting it lacks would silently take its default (a seed, say), a malformed one fail mid-run."""
     try:  # weights_only: tensors and plain types only, so a downloaded checkpoint cannot run code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {next(iter(str(e).splitlines()), '')})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND or "reals" not in ckpt:
         fail(f"{path} is not a checkpoint of this version of {CHECKPOINT_KIND}.py")
-    return ckpt | {"args": Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})}
+    saved, fields = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}, get_type_hints(Args)
+    if missing := [name for name in fields if name not in saved]:
+        fail(f"{path} lacks the settings {' '.join(missing)}")
+    if wrong := [f"{name}={saved[name]!r}" for name, hint in fields.items() if not has_type(saved[name], hint)]:
+        fail(f"{path} has malformed settings: {' '.join(wrong)}")
+    if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
+        fail(f"{path} has a malformed step: {ckpt.get('step')!r}")
+    reals, shape = ckpt["reals"], (saved["channels"], saved["image_size"], saved["image_size"])
+    if not torch.is_tensor(reals) or reals.dtype != torch.uint8 or reals.dim() != 4 or reals.shape[1:] != shape:
+        fail(f"{path} has malformed reals: not a uint8 tensor of images of shape {shape}")
+    return ckpt | {"args": Args(**{name: saved[name] for name in fields})}
+
+
+def has_type(value, hint) -> bool:
+    """Whether a saved setting is of its Args field's type (hint): int, float, bool, str, Optional, Literal, tuple."""
+    if get_origin(hint) is Literal:
+        return value in get_args(hint)
+    if get_origin(hint) is Union:  # Optional[X]: X or None
+        return any(has_type(value, h) for h in get_args(hint))
+    if get_origin(hint) is tuple:  # tuple[float, ...]
+        return isinstance(value, tuple) and all(has_type(v, get_args(hint)[0]) for v in value)
+    return type(value) is hint or (hint is float and type(value) is int)
 
 
 def write_atomic(path: Path, data) -> None:
@@ -379,6 +434,27 @@ def write_atomic(path: Path, data) -> None:
             tmp.unlink()
 
 
+def lock(run_dir: Path) -> int:
+    """Hold the run folder while this process lives (the kernel lets go at any exit, kill -9 too): a second run in it,
+    a --resume started twice, would mix its checkpoints and TensorBoard events with this one's."""
+    folder = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"{run_dir} is in use by another run: one process trains a run at a time")
+    return folder
+
+
+def remove_unless_saved(run_dir: Path) -> None:  # at exit
+    if not (run_dir / "checkpoint.pt").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def stopped(signum: int, frame) -> NoReturn:  # SIGTERM, SIGHUP outside training: an exception, so cleanups run
+    print(f"error: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
     """(B, C, S, S) in [-1, 1] -> a PNG of the one image, or of a grid of nrow columns; returned as (C, H, W) uint8."""
     pixels = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
@@ -390,10 +466,14 @@ def save_png(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
 if __name__ == "__main__":
     sys.excepthook, args = one_line, tyro.cli(Args)  # below: TensorBoard's thread's OSError comes again in add_scalar
     threading.excepthook = lambda e: issubclass(e.exc_type, OSError) or threading.__excepthook__(e)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # until training starts: one line, and the cleanups at exit run
+        signal.signal(signum, stopped)
     ckpt = load_checkpoint(args.generate or args.resume) if args.generate or args.resume else None  # both: generate
     if ckpt:  # the run's saved settings; the flags given now override them
         args = tyro.cli(Args, default=dataclasses.replace(ckpt["args"], resume=args.resume, generate=args.generate))
     check_args(args)
+    if ckpt and not args.generate and ckpt["step"] >= args.total_steps:
+        fail(f"{args.resume} is at step {ckpt['step']}: nothing to train up to --total-steps {args.total_steps}")
     device, rank, world_size = setup_device(args)
     if not args.generate:  # before anything is written: bad data leaves nothing behind
         images, labels, classes, files = load_dataset(args)
@@ -434,33 +514,51 @@ if __name__ == "__main__":
         reals = images[torch.multinomial((labels == torch.arange(rows)[:, None]) + 1e-9, 8, True).flatten()]
     stateful = dict(generator=generator, critic=critic, ema=ema, opt_g=opt_g, opt_d=opt_d, scaler=scaler)
     if ckpt:
-        ckpt["ema"] = ckpt["ema"] or ckpt["generator"]  # an EMA turned on at resume starts from the trained weights
+        ckpt["ema"] = ckpt.get("ema") or ckpt.get("generator")  # an EMA turned on at resume starts from the weights
         try:
             for key, obj in stateful.items():
-                if obj is not None and ckpt[key]:  # empty: the state of a GradScaler saved without fp16
+                if key == "scaler" and ckpt.get(key) == {} and ckpt["args"].precision != "fp16":
+                    continue  # the state of a GradScaler saved without fp16
+                if obj is not None and not (isinstance(ckpt.get(key), dict) and ckpt[key]):
+                    fail(f"{args.generate or args.resume} lacks the state of its {key}")
+                if obj is not None:
                     obj.load_state_dict(ckpt[key])
-        except (RuntimeError, ValueError) as e:  # its last line names a mismatch: "size mismatch for net.0.weight ..."
+            for opt in (opt_g, opt_d):  # Adam loads moments of any shape, and would fail at its first step
+                for p in opt.param_groups[0]["params"]:
+                    if any(not torch.is_tensor(v) or v.dim() and v.shape != p.shape for v in opt.state[p].values()):
+                        raise ValueError(f"an Adam moment is not of its weight's shape {tuple(p.shape)}")
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # a mismatch: "size mismatch for net.0.weight ..."
             fail(f"checkpoint {args.generate or args.resume} does not fit this run: {str(e).splitlines()[-1].strip()}")
         for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d)):  # the rates and betas given now, not the saved ones
             opt.param_groups[0].update(lr=lr, betas=(args.beta1, args.beta2))
     if args.generate:  # num_images PNGs in <checkpoint folder>/generated/<class>/; the fixed-noise grids beside it
         if args.label is not None and not 0 <= args.label < len(classes):
             fail(f"--label {args.label} is not a class of {args.generate}: {list(enumerate(classes))}")
-        folders = [run_dir / "generated" / name.replace("/", "_") for name in classes]  # "T-shirt/top": T-shirt_top
+        out, tmp, old = (run_dir / f"generated{end}" for end in ("", f".{os.getpid()}.tmp", f".{os.getpid()}.old"))
+        if out.is_symlink() or (out.exists() and not out.is_dir()):  # the images of a linked folder would stay
+            fail(f"{out} is a link or a file: --generate replaces that folder whole, so move it away")
+        for folder in (tmp, old):  # written to tmp, then renamed: generated/ holds this call's images or is as it was
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        folders = [tmp / name.replace("/", "_") for name in classes]  # "T-shirt/top": T-shirt_top
         torch.manual_seed(args.seed)
-        shutil.rmtree(run_dir / "generated", ignore_errors=True)  # an earlier --generate's images would mix in
         with torch.no_grad():
             save_png(sampler.eval()(fixed_noise, fixed_labels), run_dir / "generated_grid.png")
             for i in range(args.num_images):  # image i of class i % K or --label: i is unique over the class folders
                 y = torch.tensor([args.label if args.label is not None else i % len(classes)], device=device)
                 save_png(sampler(torch.randn(1, args.latent_dim, device=device), y), folders[y] / f"{i:06d}.png")
-        print(f"wrote {args.num_images} images to {run_dir / 'generated'}/<class>/ and their grid beside it")
+        if out.exists():  # moved aside, then the new one in its place, then deleted: no half-deleted generated/
+            os.rename(out, old)
+        os.rename(tmp, out)
+        print(f"wrote {args.num_images} images to {out}/<class>/ and their grid beside it")
         sys.exit()
     if rank == 0:  # under torchrun only process 0 logs, writes grids and checkpoints
         run_dir.mkdir(parents=True, exist_ok=bool(ckpt))  # a new run, a new folder: two runs never share one
+        run_lock = lock(run_dir)  # held until this process ends
+        if not ckpt:  # a run that fails before its first checkpoint leaves no folder to block a retry of its name
+            atexit.register(remove_unless_saved, run_dir)
         writer = SummaryWriter(str(run_dir), purge_step=ckpt["step"] + 1 if ckpt else None)  # drops later events
-    stop_signal = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one kills at once
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    stop_signal = []  # Ctrl-C, SIGTERM or SIGHUP (a closed terminal): finish the step, save, exit; again: at once
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda s, _: (stop_signal.append(s), signal.signal(s, signal.SIG_DFL)))
     stop_group = torch.distributed.new_group(backend="gloo") if world_size > 1 else None  # CPU flags, also under NCCL
     images, labels = images.to(device), labels.to(device)  # on a GPU, batches become index slices in its memory
@@ -469,7 +567,9 @@ if __name__ == "__main__":
     batches = batch_indices(len(images), args.batch_size, args.seed, step * args.n_critic, rank, world_size)
     loss_names = ["losses/critic", "losses/wasserstein_estimate", "losses/gradient_penalty", "losses/generator"]
     loss_sums = torch.zeros(2, len(loss_names), device=device)  # sums and counts on the device, read every log_every
-    with tqdm(total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank > 0) as progress:
+    with tqdm(
+        total=args.total_steps, initial=step, unit="step", dynamic_ncols=True, disable=rank > 0 or sys.stderr is None
+    ) as progress:
         while step < args.total_steps and not stopping:
             torch.manual_seed(hash((args.seed, rank, step)))  # step k draws from (seed, rank, k): resumed or not
             for i in range(args.n_critic):
@@ -509,7 +609,7 @@ if __name__ == "__main__":
             progress.update(1)
             stop = torch.tensor(float(bool(stop_signal)))
             if world_size > 1:  # a stop on one process stops all at the same step (gloo on the CPU: no GPU sync)
-                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX, group=stop_group)
+                all_reduce(stop, torch.distributed.ReduceOp.MAX, group=stop_group)
             stopping = bool(stop)
             save = step % args.sample_every == 0 or step == args.total_steps or stopping
             if rank == 0 and (save or step % args.log_every == 0):  # a checkpoint is only written after this check
@@ -544,7 +644,8 @@ if __name__ == "__main__":
         torch.distributed.destroy_process_group()
     if rank == 0:
         writer.close()
-        how = f"; continue with: python {Path(__file__).name} --resume {run_dir}/checkpoint.pt" if stopping else ""
-        print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}{how}")
+        how = f"; continue with: python {Path(__file__).name} --resume {shlex.quote(f'{run_dir}/checkpoint.pt')}"
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no more output; the run is saved
+            print(f"{'stopped' if stopping else 'finished'} at step {step}: {run_dir}{how if stopping else ''}")
     if stopping:
         sys.exit(128 + (stop_signal[0] if stop_signal else signal.SIGTERM))

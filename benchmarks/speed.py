@@ -426,7 +426,7 @@ def write_table(device: torch.device, results: dict, peaks: dict, args: Args) ->
         "script rows: the script's defaults otherwise"
         f"{' plus ' + args.script_flags if args.script_flags else ''}.",
         "- Peak: "
-        + ", ".join(f"{k} matmul {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+        + ", ".join(f"{k} matmul {v / 1e9:.2f} GFLOP/s" for k, v in peaks.items())  # a CPU without bf16: 0.95
         + " (each row's % of peak is against the peak of its precision)",
         "",
     ]

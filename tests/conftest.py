@@ -118,12 +118,14 @@ def _main(path: str, args: list, cwd: str, env: dict, out: str, err: str, prelud
 
 
 def run(
-    script: str, *args: str, cwd: Path, timeout: float = 240, env: dict = None, prelude: str = ""
+    script: str, *args: str, cwd: Path, timeout: float = 240, env: dict = None, prelude: str = "", fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run a script as a user would, from `cwd`, and capture what it prints; `prelude`: Python run before it."""
+    """Run a script as a user would, from `cwd`, and capture what it prints; `prelude`: Python run before it.
+    fresh: in a new interpreter, as GAN_TESTS_SUBPROCESS=1 does; the forked run starts DataLoader workers through the
+    forkserver, which a prelude's patches do not reach."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     path = str(ROOT / f"{script}.py")
-    if os.environ.get("GAN_TESTS_SUBPROCESS") == "1":
+    if fresh or os.environ.get("GAN_TESTS_SUBPROCESS") == "1":
         code = f"import runpy, sys; exec({prelude!r}, {{}}); sys.argv = sys.argv[1:]; "
         code += "runpy.run_path(sys.argv[0], run_name='__main__')"
         command = [sys.executable, "-c", code, path, *args] if prelude else [sys.executable, path, *args]

@@ -52,7 +52,7 @@ def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
         steps_per_sec, images_per_sec = float(cell[1]), float(cell[2])
         assert steps_per_sec > 0 and images_per_sec > 0, label
     # % of peak: each row against the peak of its own precision
-    peaks = {k: float(v) for k, v in re.findall(r"(fp32|bf16) matmul (\d+) GFLOP/s", table)}
+    peaks = {k: float(v) for k, v in re.findall(r"(fp32|bf16) matmul ([\d.]+) GFLOP/s", table)}
     assert set(peaks) == {"fp32", "bf16"}
     for label, (precision, steps_per_sec, _, _, gflop, percent) in cells.items():
         if gflop != "—":

@@ -3,6 +3,7 @@
 the repository, scored afterwards; then its table and plot."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -71,6 +72,16 @@ def test_quality_is_recorded_at_each_mark_for_a_script_and_a_reference_then_tabl
     with Image.open(reference / "0.12min" / "generated" / "000000.png") as image:
         assert image.size == (32, 32)  # resized from the reference's 28 to be scored as ours are
     assert (reference / "cwd" / "data" / "mnist").is_dir()  # its ../../data/mnist stayed inside the run's folder
+    # The stored numbers are the scores of the images generated at each mark: scored again here, they match.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    model = quality.load_classifier()
+    fit = quality.gaussian_fit(quality.classify(model, quality.load_test_set()[0])[0])
+    for row, folder in (("cond_wgan_gp.py", ours), ("tiny reference", reference)):
+        for point in stored["rows"][row]["1"]:
+            again = quality.evaluate(model, folder / f"{point['minute']}min" / "generated", fit)
+            assert math.isclose(again["fd"], point["fd"], rel_tol=1e-6), (row, point["minute"])
     table = (tmp_path / "results" / "time-to-quality.md").read_text()
     assert "| cond_wgan_gp.py |" in table and "| tiny reference |" in table and "FD after 0.12 min" in table
     with Image.open(tmp_path / "plot.png") as plot:

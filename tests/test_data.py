@@ -1,8 +1,13 @@
 """The data block on fixtures in each dataset's real on-disk format, and the resumable data order. The block is
 byte-identical in every script (test_structure.py), so it is tested on one."""
 
+import os
 import pickle
+import shlex
+import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,7 +195,8 @@ def test_a_phone_photo_decodes_the_way_up_its_exif_orientation_says(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation
     Image.fromarray(sensor).save(tmp_path / "images" / "phone.jpg", exif=exif, quality=95)
-    pixels = data.decode_files([tmp_path / "images" / "phone.jpg"], size=16, channels=1)[0][0, 0].float()
+    pixels = torch.from_numpy(data.decode_files([tmp_path / "images" / "phone.jpg"], size=16, channels=1)[0])[0, 0]
+    pixels = pixels.float()
     # Shown: 32 wide and 64 high, white on top; its center square is 32x32 of the middle, resized to 16
     assert pixels[:8].mean() > 200 and pixels[8:].mean() < 50  # upright, not sideways (left/right halves)
 
@@ -223,3 +229,92 @@ def test_symlinked_folders_are_followed_and_an_unreadable_one_stops_the_run(tmp_
     monkeypatch.setattr(data.os, "scandir", refusing)
     with pytest.raises(SystemExit, match=r"^error: Permission denied: .*real/dogs$"):
         data.load_dataset(args)  # not 2 of 4 images in silence
+
+
+# Shared memory full, as in a container with Docker's 64 MB of /dev/shm: every attempt of a process to share a tensor
+# through it fails the way torch's does there.
+NO_SHARED_MEMORY = """
+import torch
+def full(*args, **kwargs):
+    raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_1_1>: No space left on device (28)")
+torch.UntypedStorage._share_fd_cpu_ = torch.UntypedStorage._share_filename_cpu_ = full
+"""
+
+
+def write_folder(folder, n: int, size: int = 40) -> None:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (size, size), (i * 3 % 256, 100, 50)).save(folder / f"{i:03d}.jpg")
+
+
+def test_a_folder_decodes_when_shared_memory_is_full(tmp_path):
+    """The decoding workers' batches once went through /dev/shm: there, full, they died in the worker's sending
+    thread and the run waited for them for ever."""
+    write_folder(tmp_path / "images", 16)
+    flags = [*tiny(SHARED_SCRIPT), "--dataset", "folder", "--data-dir", "images", "--image-size", "16"]
+    result = run(SHARED_SCRIPT, *flags, "--max-images", "16", "--total-steps", "1", cwd=tmp_path, timeout=60,
+                 prelude=NO_SHARED_MEMORY, fresh=True)  # fmt: skip
+    assert result.returncode == 0 and "decoding 16 images" in result.stderr, result.stderr[-3000:]
+
+
+def can_mount_a_small_dev_shm() -> bool:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /dev/shm"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_a_small_dev_shm(), reason="needs root and unshare to mount a small /dev/shm")
+def test_a_folder_decodes_with_a_real_256_kb_dev_shm(tmp_path):
+    write_folder(tmp_path / "images", 64, size=80)  # one batch of 64 images at 64 px: 786 KB, over the 256 KB
+    command = [sys.executable, str(ROOT / f"{SHARED_SCRIPT}.py"), *tiny(SHARED_SCRIPT), "--dataset", "folder"]
+    command += ["--data-dir", "images", "--image-size", "64", "--total-steps", "1"]
+    mount = "mount -t tmpfs -o size=256k tmpfs /dev/shm && exec " + shlex.join(command)
+    result = subprocess.run(["unshare", "-m", "sh", "-c", mount], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0 and "finished at step 1" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_decoding_worker_that_dies_stops_the_run_with_one_line(tmp_path):
+    write_folder(tmp_path / "images", 16)
+    killed = """
+import os, signal, PIL.Image
+main, open_image = os.getpid(), PIL.Image.open
+def open_in_worker(*args, **kwargs):  # a worker killed as the kernel's out-of-memory killer would
+    if os.getpid() != main:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return open_image(*args, **kwargs)
+PIL.Image.open = open_in_worker
+"""
+    flags = [*tiny(SHARED_SCRIPT), "--dataset", "folder", "--data-dir", "images", "--max-images", "16"]
+    result = run(SHARED_SCRIPT, *flags, cwd=tmp_path, timeout=60, prelude=killed, fresh=True)
+    expect_error(result, r"^error: decoding stopped: DataLoader worker \(pid\(s\) \d+\) exited unexpectedly$")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_truncated_archive_is_named_and_not_extracted(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for archive in (ROOT / "data" / "FashionMNIST" / "raw").glob("*.gz"):
+        shutil.copy(archive, raw)
+    cut = raw / "train-images-idx3-ubyte.gz"
+    cut.write_bytes(cut.read_bytes()[:100_000])  # a download cut short
+    with pytest.raises(SystemExit) as stop:
+        data.load_dataset(args_for(data_dir=str(tmp_path)))
+    assert str(stop.value) == (
+        f"error: {cut} is damaged (Compressed file ended before the end-of-stream marker was reached): delete it to "
+        "download it again, or copy it anew"
+    )
+    assert not (raw / "train-images-idx3-ubyte").exists()
+
+
+def test_files_of_types_that_are_not_read_are_named(tmp_path, capsys):
+    write_folder(tmp_path / "images", 2)
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "images" / "modern.avif")  # read by PIL since 11.3
+    (tmp_path / "images" / "phone.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # needs a plugin: skipped
+    (tmp_path / "images" / "sub").mkdir()
+    (tmp_path / "images" / "sub" / "notes.txt").write_text("a caption")
+    images, _, _, files = data.load_dataset(args_for(dataset="folder", data_dir=str(tmp_path / "images")))
+    assert [f.name for f in files] == ["000.jpg", "001.jpg", "modern.avif"] and images[2, 0].float().mean() > 150
+    note = f"note: skipped the files of other types in {tmp_path / 'images'}: .heic .txt"
+    assert note in capsys.readouterr().err.splitlines()

@@ -83,7 +83,7 @@ def test_dropout_and_leaky_generator_change_the_layers_not_the_weights():
     assert not any(isinstance(m, nn.ReLU) for m in leaky_g.modules())
 
 
-REAL_LABEL = r"^error: --real-label must be LOW or LOW HIGH, 0 < LOW <= HIGH, got "
+REAL_LABEL = r"^error: --real-label must be LOW or LOW HIGH in \[0.5, 1.2\], got "
 BAD_OPTIONS = {
     "real label of 0": (["--real-label", "0"], REAL_LABEL + r"\(0.0,\)$"),
     "no real label": (["--real-label"], REAL_LABEL + r"\(\)$"),
@@ -91,6 +91,8 @@ BAD_OPTIONS = {
     "inverted label range": (["--real-label", "1.2", "0.7"], REAL_LABEL + r"\(1.2, 0.7\)$"),
     "label range from 0": (["--real-label", "0", "1"], REAL_LABEL + r"\(0.0, 1.0\)$"),
     "three real labels": (["--real-label", "0.7", "0.8", "0.9"], REAL_LABEL + r"\(0.7, 0.8, 0.9\)$"),
+    "real label far above 1": (["--real-label", "0.5", "100"], REAL_LABEL + r"\(0.5, 100.0\)$"),  # D loss -239
+    "real label near 0": (["--real-label", "1e-30"], REAL_LABEL + r"\(1e-30,\)$"),
     "negative instance noise": (
         ["--instance-noise", "-0.1"],
         r"^error: --instance-noise must be >= 0 and finite, got -0.1$",

@@ -2,6 +2,7 @@
 averaged gradients equal those of one process that sees the whole batch."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -180,3 +181,70 @@ def test_a_stop_on_one_process_stops_every_process_at_the_same_step_and_rank_0_s
     assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs
     step = torch.load(events / "checkpoint.pt", weights_only=True)["step"]
     assert step > 0 and f"stopped at step {step}" in outputs[0] and outputs[1] == ""  # rank 0 reports, once
+
+
+def start_job(flags: list, cwd, **popen) -> list:
+    """Two processes of wgan_gp.py with the environment torchrun gives them."""
+    port, processes = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        command = [sys.executable, str(ROOT / "wgan_gp.py"), *flags]
+        processes.append(subprocess.Popen(command, cwd=cwd, env=env, text=True, **popen))
+    return processes
+
+
+def test_a_process_of_the_job_that_dies_stops_the_others_with_one_line(tmp_path):
+    flags = [*tiny("wgan_gp"), "--device", "cpu", "--total-steps", "100000", "--sample-every", "100000", *JOB_FLAGS]
+    processes = start_job(flags, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    events, deadline = tmp_path / "runs" / "job", time.time() + 120
+    while not list(events.glob("events.*")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    processes[1].kill()  # kill -9, as the kernel's out-of-memory killer
+    err = processes[0].communicate(timeout=120)[1]
+    processes[1].communicate()
+    assert processes[0].returncode == 1 and "Traceback" not in err, err[-3000:]
+    # gloo's reason depends on where the peer was: "Read error [...]: Connection reset by peer", "Broken pipe", ...
+    assert re.fullmatch(r"error: another process of the job stopped \(.+\)", err.strip().splitlines()[-1]), err
+
+
+@pytest.mark.parametrize(
+    "world_size, message",
+    [
+        ("two", "error: WORLD_SIZE=two is not a number of processes"),
+        ("0", "error: WORLD_SIZE=0 is not a number of processes"),
+        ("2", "error: WORLD_SIZE=2 without RANK, MASTER_ADDR and MASTER_PORT: start the processes with torchrun"),
+    ],
+)
+def test_a_process_count_without_torchrun_is_one_line(world_size, message, monkeypatch):
+    """WORLD_SIZE=2 left set in a shell waited for processes that never came, or was a traceback."""
+    import conftest
+
+    module = conftest.load("wgan_gp")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    args = module.Args(device="cpu")
+    module.check_args(args)
+    with pytest.raises(SystemExit) as stop:
+        module.setup_device(args)
+    assert str(stop.value) == message
+
+
+def test_torchrun_passes_a_closed_terminal_on_and_the_job_saves(tmp_path):
+    """torchrun sends the SIGHUP it gets to its workers: each finishes its step, and rank 0 saves."""
+    flags = [*tiny("wgan_gp"), "--total-steps", "100000", "--sample-every", "100000", *JOB_FLAGS]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command = [*torchrun, str(free_port()), str(ROOT / "wgan_gp.py"), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    events, deadline = tmp_path / "runs" / "job", time.time() + 120
+    while not list(events.glob("events.*")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # a few steps in
+    process.send_signal(signal.SIGHUP)
+    out, err = process.communicate(timeout=120)
+    step = torch.load(events / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 1 and f"stopped at step {step}: runs/job; continue with: " in out, err[-3000:]

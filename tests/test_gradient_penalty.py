@@ -174,3 +174,28 @@ def test_lazy_penalty_runs_on_every_kth_critic_step_weighted_by_k(script, tmp_pa
     k = 1 if script == "resnet_sn_wgan_gp" else 4
     default = logged_penalties("--total-steps", "4")
     assert math.isclose(default[0], k * paper, rel_tol=1e-6) and all((v == 0) == (k == 4) for v in default[1:])
+
+
+@pytest.mark.parametrize("script", GP_SCRIPTS)
+def test_fp16_penalty_uses_the_loss_scale_where_the_gradient_would_underflow(script):
+    """A critic whose gradient of the mean score, c / B = 2e-8 per score, is below fp16's smallest number (6e-8):
+    without the loss scale it rounds to 0, every norm to 0 and the penalty to 1; scaled by the GradScaler's 65536 it
+    is exact. A dense layer computes in fp16 under autocast; its inputs are small, so that its outputs fit fp16."""
+    c, pixels = 3.2e-7, 3 * 32 * 32
+    dense = nn.Linear(pixels, 1, bias=False)
+    signs = torch.randn(pixels, generator=torch.Generator().manual_seed(0)).sign()
+    dense.weight.data = (signs * 0.5 / (c * pixels**0.5))[None]  # the critic's gradient c * w has norm 0.5
+
+    def critic(x):
+        return c * dense(x.flatten(1)).float().flatten()
+
+    real, fake = (torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(k)) * 2e-3 - 1e-3 for k in (1, 2))
+    eps = torch.rand(16, 1, 1, 1, generator=torch.Generator().manual_seed(3))
+    module = load(script)
+    expected = module.gradient_penalty(critic, real, fake, eps=eps)
+    torch.testing.assert_close(expected, torch.tensor(0.25), rtol=1e-4, atol=0)  # (0.5 - 1)^2
+    for loss_scale, penalty in ((65536.0, 0.25), (1.0, 1.0)):  # at 1, the scale of a scaler halved 16 times
+        scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale)
+        with torch.autocast("cpu", dtype=torch.float16):
+            gp = module.gradient_penalty(critic, real, fake, eps=eps, scale=scaler.scale)
+        torch.testing.assert_close(gp, torch.tensor(penalty), rtol=0.01, atol=0)

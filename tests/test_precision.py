@@ -111,11 +111,63 @@ def test_fp16_whose_every_step_overflows_stops_as_diverged_once_the_loss_scale_f
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_compile_trains_as_the_eager_networks_do(script, tmp_path):
     # fp32, so that the two runs agree to rounding; at 16 px, whose networks are shallower and compile sooner.
-    flags = [*tiny(script), "--precision", "fp32", "--image-size", "16", "--total-steps", "2", "--sample-every", "2"]
-    eager = run(script, *flags, "--run-name", "eager", cwd=tmp_path)
-    compiled = run(script, *flags, "--compile", "--run-name", "compiled", cwd=tmp_path, timeout=600)
+    flags = [*tiny(script), "--precision", "fp32", "--image-size", "16", "--total-steps", "3", "--sample-every", "3"]
+    eager = run(script, *flags, "--log-every", "1", "--run-name", "eager", cwd=tmp_path)
+    compiled = run(script, *flags, "--log-every", "1", "--compile", "--run-name", "compiled", cwd=tmp_path, timeout=600)
     assert eager.returncode == 0 and compiled.returncode == 0, (eager.stderr[-2000:], compiled.stderr[-2000:])
+    # The losses of every step: Adam's steps hardly depend on the gradients' size (not at all on their scale), so the
+    # weights alone would not see a compiled forward that is off by a factor.
+    events = [EventAccumulator(str(tmp_path / "runs" / name)).Reload() for name in ("eager", "compiled")]
+    for tag in [t for t in events[0].Tags()["scalars"] if t.startswith("losses/")]:
+        a, b = ([e.value for e in run_events.Scalars(tag)] for run_events in events)
+        assert len(a) == 3, tag
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5, msg=tag)
     a, b = (load_checkpoint(tmp_path / "runs" / name / "checkpoint.pt") for name in ("eager", "compiled"))
     for network in ("generator", "critic" if script != "dcgan" else "discriminator"):
         for name, tensor in a[network].items():
             torch.testing.assert_close(b[network][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{network}.{name}")
+
+
+# Records the dtype of every convolution's output while a network trains (module.training; the grids are drawn in
+# eval mode, outside autocast), and writes them to dtypes.txt when the script exits.
+CONV_DTYPES = """
+import atexit, torch
+dtypes = set()
+def record(module, inputs, output):
+    if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and module.training:
+        dtypes.add(str(output.dtype))
+torch.nn.modules.module.register_module_forward_hook(record)
+atexit.register(lambda: open("dtypes.txt", "w").write(" ".join(sorted(dtypes))))
+"""
+
+
+@pytest.mark.parametrize(
+    "script, precision",
+    [(s, "bf16") for s in SCRIPTS] + [(SHARED_SCRIPT, "fp16"), (SHARED_SCRIPT, "fp32")],
+)
+def test_autocast_computes_every_training_convolution_in_the_run_precision(script, precision, tmp_path):
+    flags = [*tiny(script), "--precision", precision, "--image-size", "16", "--total-steps", "1"]
+    result = run(script, *flags, cwd=tmp_path, prelude=CONV_DTYPES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}[precision]
+    assert (tmp_path / "dtypes.txt").read_text() == expected
+
+
+def test_fp16_resumes_bit_identically_with_its_loss_scale(tmp_path):
+    # The first optimizer step overflows (backward call 0): the scale halves to 32768, and the scaler counts the steps
+    # taken since towards its next doubling. A resumed run that started a fresh scaler would be at 65536 again, and
+    # would skip other steps than the straight run.
+    common = [*tiny(SHARED_SCRIPT), "--precision", "fp16", "--image-size", "16", "--log-every", "1"]
+    common += ["--sample-every", "100"]
+    straight = run_poisoned(SHARED_SCRIPT, "0", *common, "--total-steps", "4", "--run-name", "straight", cwd=tmp_path)
+    half = run_poisoned(SHARED_SCRIPT, "0", *common, "--total-steps", "2", "--run-name", "resumed", cwd=tmp_path)
+    assert straight.returncode == 0 and half.returncode == 0, (straight.stderr[-2000:], half.stderr[-2000:])
+    saved = load_checkpoint(tmp_path / "runs/resumed/checkpoint.pt")["scaler"]
+    assert saved["scale"] == 32768 and saved["_growth_tracker"] == 5  # 6 optimizer steps, the first skipped
+    resumed = run(SHARED_SCRIPT, "--resume", "runs/resumed/checkpoint.pt", "--total-steps", "4", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (load_checkpoint(tmp_path / "runs" / name / "checkpoint.pt") for name in ("straight", "resumed"))
+    assert a["scaler"] == b["scaler"]  # the scale, and the steps counted towards its next doubling
+    for key in ("generator", "critic", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"

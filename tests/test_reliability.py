@@ -2,6 +2,7 @@
 
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -82,15 +83,23 @@ def test_a_disk_that_fills_while_saving_is_one_line_and_leaves_no_partial_file(t
     flags = [*tiny(SHARED_SCRIPT), "--total-steps", "2", "--sample-every", "2", "--run-name", "full"]
     result = run_limited(SHARED_SCRIPT, *flags, cwd=tmp_path, size=400_000)  # grids fit, the checkpoint does not
     expect_error(result, r"cannot write runs/full/checkpoint.pt \(File too large\)")
-    files = sorted(p.name for p in (tmp_path / "runs" / "full").iterdir() if p.is_file() and "events" not in p.name)
-    assert files == ["real_vs_fake.png"]
+    assert not (tmp_path / "runs" / "full").exists()  # no checkpoint was ever written: the name is free for a retry
 
 
-def test_generate_onto_a_file_or_a_full_disk_is_one_line_and_leaves_no_empty_png(trained, tmp_path):
+def test_generate_onto_a_file_a_link_or_a_full_disk_is_one_line_and_leaves_no_empty_png(trained, tmp_path):
     checkpoint = copy_run(trained(SHARED_SCRIPT), tmp_path / "in_the_way")
     (checkpoint.parent / "generated").write_text("a file where the folder goes")
     result = run(SHARED_SCRIPT, "--generate", str(checkpoint), "--num-images", "3", cwd=tmp_path)
-    expect_error(result, r"cannot write .*in_the_way/generated/000000.png \((File exists|Not a directory)\)")
+    expect_error(result, r"in_the_way/generated is a link or a file: --generate replaces that folder whole")
+    # A link to a folder of older images: emptying it in place failed silently, and they mixed with the new ones.
+    checkpoint = copy_run(trained(SHARED_SCRIPT), tmp_path / "linked")
+    (tmp_path / "elsewhere").mkdir()
+    for i in range(50):
+        (tmp_path / "elsewhere" / f"{i:06d}.png").write_bytes(b"an older image")
+    (checkpoint.parent / "generated").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    result = run(SHARED_SCRIPT, "--generate", str(checkpoint), "--num-images", "10", cwd=tmp_path)
+    expect_error(result, r"linked/generated is a link or a file: --generate replaces that folder whole")
+    assert len(list((tmp_path / "elsewhere").iterdir())) == 50
     checkpoint = copy_run(trained(SHARED_SCRIPT), tmp_path / "full")
     result = run_limited(SHARED_SCRIPT, "--generate", str(checkpoint), "--num-images", "3", cwd=tmp_path, size=100)
     expect_error(result, r"cannot write .*full/generated_grid.png \(File too large\)")
@@ -110,7 +119,9 @@ def test_two_runs_started_at_once_with_one_name_never_share_a_folder(tmp_path):
 
 def test_run_name_with_resume_is_refused(trained, tmp_path):
     checkpoint = copy_run(trained(SHARED_SCRIPT), tmp_path / "run")
-    result = run(SHARED_SCRIPT, "--resume", str(checkpoint), "--run-name", "elsewhere", cwd=tmp_path)
+    result = run(
+        SHARED_SCRIPT, "--resume", str(checkpoint), "--run-name", "elsewhere", "--total-steps", "30", cwd=tmp_path
+    )
     expect_error(result, r"run/checkpoint.pt belongs to the run in its folder: --run-name cannot move it$")
     assert not (tmp_path / "runs").exists()
 
@@ -193,22 +204,34 @@ def test_compile_without_a_cpp_compiler_is_one_line(tmp_path):
     expect_error(result, r"^error: InductorError: InvalidCxxCompiler: No working C\+\+ compiler")
 
 
-def test_ctrl_c_during_generate_is_one_line_and_a_second_generate_leaves_no_stale_images(trained, tmp_path):
+def test_generate_leaves_its_own_images_alone_or_the_earlier_folder_whole_when_stopped(trained, tmp_path):
     checkpoint = copy_run(trained(SHARED_SCRIPT), tmp_path / "run")
     command = [sys.executable, str(ROOT / f"{SHARED_SCRIPT}.py"), "--generate", str(checkpoint), "--num-images"]
-    process = subprocess.Popen([*command, "100000"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    generated = checkpoint.parent / "generated"
-    deadline = time.time() + 120
-    while len(list(generated.glob("*.png"))) < 20 and time.time() < deadline:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
-    stderr = process.communicate(timeout=120)[1]
-    assert process.returncode == -signal.SIGINT and last_line(stderr) == "error: KeyboardInterrupt", stderr[-2000:]
-    assert "Traceback" not in stderr and len(list(generated.glob("*.png"))) >= 20
-    # Run again with fewer images: the folder holds those alone, as an FID tool reads it.
-    result = subprocess.run([*command, "3"], cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in generated.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    generated, three = checkpoint.parent / "generated", ["000000.png", "000001.png", "000002.png"]
+    for count in ("30", "3"):  # fewer images the second time: the folder holds those alone, as an FID tool reads it
+        result = subprocess.run([*command, count], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in generated.iterdir()) == three
+    before = [(generated / name).read_bytes() for name in three]
+    for signum, code, message in [
+        (signal.SIGINT, -signal.SIGINT, "error: KeyboardInterrupt"),  # Ctrl-C
+        (signal.SIGTERM, 128 + signal.SIGTERM, "error: stopped by SIGTERM"),
+        (signal.SIGHUP, 128 + signal.SIGHUP, "error: stopped by SIGHUP"),  # the terminal closed
+    ]:
+        process = subprocess.Popen([*command, "100000"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while len(list(checkpoint.parent.glob("generated.*.tmp/*.png"))) < 20 and time.time() < deadline:
+            time.sleep(0.1)  # part-way through
+        process.send_signal(signum)
+        stderr = process.communicate(timeout=120)[1]
+        assert process.returncode == code and last_line(stderr) == message, stderr[-2000:]
+        assert "Traceback" not in stderr
+        assert sorted(p.name for p in checkpoint.parent.iterdir()) == [
+            "checkpoint.pt",
+            "generated",
+            "generated_grid.png",
+        ]  # no half-filled folder beside it
+        assert [(generated / name).read_bytes() for name in three] == before and len(list(generated.iterdir())) == 3
 
 
 def test_a_newline_in_a_file_name_stays_on_the_line_of_its_message(tmp_path):
@@ -265,22 +288,162 @@ def test_resnet_trains_with_every_generator_norm_and_spectral_norm(g_norm, g_sn,
     assert bool(buffers) == (g_norm == "batch" or g_sn)
 
 
+# Ctrl-C pressed twice inside the first step, from the step itself (a backward), so that the second press
+# certainly comes while the first is still finishing the step.
+CTRL_C_TWICE = """
+import os, signal, time, torch
+backward, calls = torch.Tensor.backward, []
+def backward_with_two_presses(loss, *args, **kwargs):
+    calls.append(loss)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        print("went on after the first Ctrl-C", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        print("went on after the second Ctrl-C", flush=True)
+    return backward(loss, *args, **kwargs)
+torch.Tensor.backward = backward_with_two_presses
+"""
+
+
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
-    # Steps of a few seconds (128 px at widths 64), so that the first Ctrl-C is still finishing its step.
-    flags = ["--image-size", "128", "--batch-size", "16", "--max-images", "64", "--total-steps", "100000"]
-    command = [sys.executable, str(ROOT / f"{SHARED_SCRIPT}.py"), *flags, "--run-name", "twice"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    events = tmp_path / "runs" / "twice"
-    deadline = time.time() + 120
-    while not list(events.glob("events.*")) and time.time() < deadline:  # the run folder: training starts
+    flags = [*tiny(SHARED_SCRIPT), "--total-steps", "100", "--run-name", "twice"]
+    result = run(SHARED_SCRIPT, *flags, cwd=tmp_path, prelude=CTRL_C_TWICE)
+    assert result.returncode == -signal.SIGINT, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.splitlines() == ["went on after the first Ctrl-C"]  # the first finishes the step, the second
+    assert not (tmp_path / "runs" / "twice" / "checkpoint.pt").exists()  # kills at once: no save, no message
+
+
+def start(script: str, *flags: str, cwd, **popen) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / f"{script}.py"), *flags]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for(condition, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
         time.sleep(0.1)
-    time.sleep(1)  # the handlers are set right after the event file: now inside the first step
-    process.send_signal(signal.SIGINT)
-    # Python runs a handler between two operations, so a second Ctrl-C during a long one (a loaded machine's first
-    # step takes seconds) merges with the first: press again every 0.1 s, as a user would, until the process ends.
-    while process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-        process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == -signal.SIGINT, (process.returncode, err[-2000:])
-    assert "stopped at step" not in out and not (events / "checkpoint.pt").exists()
+    assert condition(), "timed out"
+
+
+def test_a_run_folder_has_one_writer_and_a_killed_one_frees_it(trained, tmp_path):
+    """Two --resume of one checkpoint both trained: the last to finish owned checkpoint.pt, and its TensorBoard purge
+    dropped the other's later events. A run holds its folder; kill -9 lets go of it."""
+    checkpoint = copy_run(trained(SHARED_SCRIPT), tmp_path / "run")
+    first = start(SHARED_SCRIPT, "--resume", str(checkpoint), "--total-steps", "100000", cwd=tmp_path)
+    wait_for(lambda: list(checkpoint.parent.glob("events.*")))  # it holds the folder before it writes there
+    second = run(SHARED_SCRIPT, "--resume", str(checkpoint), "--total-steps", "100000", cwd=tmp_path)
+    expect_error(second, rf"^error: {checkpoint.parent} is in use by another run: one process trains a run at a time$")
+    assert first.poll() is None  # the first trains on
+    first.kill()
+    first.communicate()
+    third = run(SHARED_SCRIPT, "--resume", str(checkpoint), "--total-steps", "25", cwd=tmp_path)
+    assert third.returncode == 0 and load_checkpoint(checkpoint)["step"] == 25, third.stderr[-2000:]
+
+
+def test_a_closed_terminal_saves_the_run(tmp_path):
+    """Closing the terminal (an SSH session that drops) sends SIGHUP, which ended a run without a checkpoint."""
+    import fcntl
+    import pty
+    import termios
+
+    terminal, process_end = pty.openpty()
+
+    def own_terminal():  # a session of its own, whose controlling terminal is the pseudo-terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    flags = [*tiny(SHARED_SCRIPT), "--total-steps", "100000", "--sample-every", "100000", "--run-name", "ssh"]
+    command = [sys.executable, str(ROOT / f"{SHARED_SCRIPT}.py"), *flags]
+    process = subprocess.Popen(command, cwd=tmp_path, stdin=process_end, stdout=process_end, stderr=process_end,
+                               preexec_fn=own_terminal)  # fmt: skip
+    os.close(process_end)
+    wait_for(lambda: list((tmp_path / "runs" / "ssh").glob("events.*")))
+    time.sleep(1)  # a few steps in
+    os.close(terminal)  # the kernel hangs up the terminal and sends SIGHUP to the session
+    assert process.wait(timeout=120) == 128 + signal.SIGHUP
+    assert load_checkpoint(tmp_path / "runs" / "ssh" / "checkpoint.pt")["step"] >= 1
+
+
+OUT_OF_MEMORY = """
+import torch
+def out_of_memory(*args, **kwargs):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory")
+torch.optim.Adam.step = out_of_memory
+"""
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder_to_block_a_retry(tmp_path):
+    flags = [*tiny(SHARED_SCRIPT), "--total-steps", "2", "--run-name", "retry"]
+    result = run(SHARED_SCRIPT, *flags, cwd=tmp_path, prelude=OUT_OF_MEMORY)  # out of memory at step 1
+    expect_error(result, r"^error: RuntimeError: .*can't allocate memory$")
+    assert not (tmp_path / "runs" / "retry").exists()
+    retry = run(SHARED_SCRIPT, *flags, cwd=tmp_path)
+    assert retry.returncode == 0 and load_checkpoint(tmp_path / "runs/retry/checkpoint.pt")["step"] == 2
+
+
+def test_a_run_with_its_error_output_closed_trains_and_saves(tmp_path):
+    """python wgan_gp.py 2>&- leaves sys.stderr None, where tqdm raised an AttributeError."""
+    flags = [*tiny(SHARED_SCRIPT), "--total-steps", "2", "--run-name", "quiet"]
+    command = shlex.join([sys.executable, str(ROOT / f"{SHARED_SCRIPT}.py"), *flags]) + " 2>&-"
+    result = subprocess.run(["sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and "finished at step 2" in result.stdout, result.stdout[-2000:]
+    assert load_checkpoint(tmp_path / "runs" / "quiet" / "checkpoint.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("total_steps", ["24", "10"])
+def test_a_resume_that_would_train_nothing_says_so(total_steps, trained, tmp_path):
+    checkpoint = copy_run(trained(SHARED_SCRIPT), tmp_path / "run")
+    result = run(SHARED_SCRIPT, "--resume", str(checkpoint), "--total-steps", total_steps, cwd=tmp_path)
+    expect_error(result, rf"run/checkpoint.pt is at step 24: nothing to train up to --total-steps {total_steps}$")
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["checkpoint.pt"]
+
+
+def malformed(ckpt: dict, case: str) -> dict:
+    """A checkpoint of the right kind with one field made wrong, as a hand edit or another version's would."""
+    args = ckpt["args"]
+    return {
+        "args=None": ckpt | {"args": None},
+        "no seed": ckpt | {"args": {k: v for k, v in args.items() if k != "seed"}},
+        "seed as text": ckpt | {"args": args | {"seed": "1"}},
+        "precision unknown": ckpt | {"args": args | {"precision": "fp8"}},
+        "step=3.5": ckpt | {"step": 3.5},
+        "3-channel reals": ckpt | {"reals": ckpt["reals"].expand(-1, 3, -1, -1).clone()},
+        "opt_g={}": ckpt | {"opt_g": {}},
+        "no critic": {k: v for k, v in ckpt.items() if k != "critic"},
+        "moment of another shape": ckpt
+        | {"opt_d": ckpt["opt_d"] | {"state": ckpt["opt_d"]["state"] | {0: ckpt["opt_d"]["state"][1]}}},
+    }[case]
+
+
+MALFORMED = {
+    "args=None": r"lacks the settings run_name seed device .* d_width$",
+    "no seed": r"lacks the settings seed$",
+    "seed as text": r"has malformed settings: seed='1'$",
+    "precision unknown": r"has malformed settings: precision='fp8'$",
+    "step=3.5": r"has a malformed step: 3.5$",
+    "3-channel reals": r"has malformed reals: not a uint8 tensor of images of shape \(1, 32, 32\)$",
+    "opt_g={}": r"lacks the state of its opt_g$",
+    "no critic": r"lacks the state of its critic$",
+    "moment of another shape": r"does not fit this run: an Adam moment is not of its weight's shape \(8, 1, 4, 4\)$",
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_checkpoint_with_a_missing_or_malformed_field_is_refused_by_name(case, trained, tmp_path):
+    checkpoint = copy_run(trained(SHARED_SCRIPT), tmp_path / "run")
+    torch.save(malformed(load_checkpoint(checkpoint), case), checkpoint)
+    before = checkpoint.read_bytes()
+    result = run(SHARED_SCRIPT, "--resume", str(checkpoint), "--total-steps", "30", cwd=tmp_path)
+    expect_error(result, rf"^error: (checkpoint )?{checkpoint} " + MALFORMED[case])
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in checkpoint.parent.iterdir()) == [
+        "checkpoint.pt"
+    ]
+
+
+def test_divergence_is_checked_before_a_checkpoint_that_falls_between_logs(tmp_path):
+    flags = [*tiny(SHARED_SCRIPT), *DIVERGE, "--total-steps", "6", "--log-every", "100", "--sample-every", "3"]
+    result = run(SHARED_SCRIPT, *flags, "--run-name", "nan", cwd=tmp_path)
+    expect_error(result, r"^error: training diverged at step 3 \(a loss or weight is not finite\); no checkpoint was")
+    assert not (tmp_path / "runs" / "nan").exists()
