@@ -53,7 +53,11 @@ class Classifier(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> list:
-            return [nn.Conv2d(c_in, c_out, kernel, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(c_in, c_out, kernel, stride, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
 
         self.body = nn.Sequential(
             *block(
@@ -67,7 +71,9 @@ class Classifier(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),  # (B, 128)
             nn.Linear(128, feature_dim),
-            nn.ReLU(inplace=True),  # (B, feature_dim): the features that the Frechet distance compares
+            nn.ReLU(
+                inplace=True
+            ),  # (B, feature_dim): the features that the Frechet distance compares
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -86,8 +92,9 @@ def load_train_set() -> tuple:
     """The 60,000 training images (N, 1, 32, 32) in [-1, 1] and their labels, through wgan_gp's own loader."""
     args = wgan_gp.Args()
     wgan_gp.check_args(args)
-    images, labels, _, _ = wgan_gp.load_dataset(args)  # also extracts the shipped archives, test set included
-    return to_float(images), labels
+    # also extracts the shipped archives, test set included
+    images, dataset = wgan_gp.load_dataset(args)
+    return to_float(images), torch.as_tensor(dataset.targets)
 
 
 def load_test_set() -> tuple:
@@ -105,7 +112,9 @@ def load_classifier(path: Path = WEIGHTS) -> Classifier:
     Batch norm uses its running statistics, so results do not depend on batching.
     """
     if not Path(path).is_file():
-        wgan_gp.fail(f"{path} is missing: train the classifier first with python benchmarks/classifier.py")
+        wgan_gp.fail(
+            f"{path} is missing: train the classifier first with python benchmarks/classifier.py"
+        )
     model = Classifier()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
@@ -121,16 +130,26 @@ def cpu_description() -> str:
     """CPU model and the cores this process may use: the hardware a CPU timing belongs to."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     used = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {used} cores" if used == os.cpu_count() else f"{cpu}, {used} of its {os.cpu_count()} cores"
+    return (
+        f"{cpu}, {used} cores"
+        if used == os.cpu_count()
+        else f"{cpu}, {used} of its {os.cpu_count()} cores"
+    )
 
 
 def machine() -> str:
     """The CPU, plus the GPU when one is used."""
-    return cpu_description() + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    return cpu_description() + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    )
 
 
 def pin_to_cpus(cpus: list) -> None:
@@ -160,7 +179,9 @@ if __name__ == "__main__":
     model = Classifier()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = len(train_images) // args.batch_size
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch
+    )
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(train_images))

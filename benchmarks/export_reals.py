@@ -39,16 +39,28 @@ class Args:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     config = wgan_gp.Args(
-        dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, channels=args.channels, batch_size=1
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        image_size=args.image_size,
+        channels=args.channels,
+        batch_size=1,
     )
     wgan_gp.check_args(config)
     images = wgan_gp.load_dataset(config)[0]  # (N, C, S, S) uint8, every image decoded once
     n = len(images)
     if args.num_images < 1 or args.num_images > n:
-        raise SystemExit(f"error: --num-images must be from 1 to {n} (the dataset's size), got {args.num_images}")
-    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[: args.num_images]
+        raise SystemExit(
+            f"error: --num-images must be from 1 to {n} (the dataset's size), got {args.num_images}"
+        )
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[
+        : args.num_images
+    ]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, i in enumerate(chosen.tolist()):
-        wgan_gp.save_png(images[i : i + 1].float() / 127.5 - 1, out_dir / f"{k:06d}.png")  # save_png maps back to uint8
-    print(f"wrote {args.num_images} real images of {args.dataset} at {config.image_size} px to {out_dir}")
+        wgan_gp.save_png(
+            images[i : i + 1].float() / 127.5 - 1, out_dir / f"{k:06d}.png"
+        )  # save_png maps back to uint8
+    print(
+        f"wrote {args.num_images} real images of {args.dataset} at {config.image_size} px to {out_dir}"
+    )

@@ -41,11 +41,19 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+import torchvision
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from classifier import Classifier, load_classifier, load_test_set, load_train_set, machine, pin_to_cpus  # noqa: E402
+from classifier import (
+    Classifier,
+    load_classifier,
+    load_test_set,
+    load_train_set,
+    machine,
+    pin_to_cpus,
+)  # noqa: E402
 
 from wgan_gp import fail  # noqa: E402  (one line on stderr and exit code 1, as the scripts do)
 
@@ -66,7 +74,9 @@ CLASSES = [
 
 @dataclass
 class Args:
-    scripts: List[str] = field(default_factory=lambda: [s for s in SCRIPTS if (ROOT / f"{s}.py").exists()])
+    scripts: List[str] = field(
+        default_factory=lambda: [s for s in SCRIPTS if (ROOT / f"{s}.py").exists()]
+    )
     """scripts to measure (dcgan, wgan_gp, cond_wgan_gp, resnet_sn_wgan_gp); default those present"""
     seeds: List[int] = field(default_factory=lambda: [1, 2])
     """training seeds; every row reports the mean and standard deviation over them"""
@@ -97,7 +107,12 @@ class Args:
 def check_args(args: Args) -> list:
     """Reject bad input before any training starts; return the ablations as (label, flags) pairs."""
     if not args.scripts:
-        fail("no scripts to measure: none of " + ", ".join(f"{s}.py" for s in SCRIPTS) + " is in " + str(ROOT))
+        fail(
+            "no scripts to measure: none of "
+            + ", ".join(f"{s}.py" for s in SCRIPTS)
+            + " is in "
+            + str(ROOT)
+        )
     for script in args.scripts + args.ablation_scripts:
         if script not in SCRIPTS:
             fail(f"unknown script {script!r}: choose from {', '.join(SCRIPTS)}")
@@ -147,7 +162,9 @@ def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
 
 
-def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+def frechet_distance(
+    mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor
+) -> float:
     """FD = ||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^1/2).
 
     C1 C2 is not symmetric, and scipy's general sqrtm of it can return complex noise. Its eigenvalues
@@ -157,7 +174,9 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
     root1 = sqrtm_psd(cov1)
     eigenvalues = torch.linalg.eigvalsh(root1 @ cov2 @ root1)
     trace_sqrt = eigenvalues.clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * trace_sqrt).item()
+    return (
+        (mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * trace_sqrt
+    ).item()
 
 
 def coverage_kl(predictions: torch.Tensor, num_classes: int = len(CLASSES)) -> float:
@@ -178,7 +197,9 @@ def classify(model: Classifier, images: torch.Tensor) -> tuple:
 
 
 def normalized(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())  # "T-shirt/top" and a folder "t-shirt_top" both become "tshirttop"
+    return re.sub(
+        r"[^a-z0-9]", "", name.lower()
+    )  # "T-shirt/top" and a folder "t-shirt_top" both become "tshirttop"
 
 
 def read_gray(path: Path) -> np.ndarray:
@@ -199,14 +220,18 @@ def read_generated(folder: Path) -> tuple:
     if subfolders:
         unknown = [p.name for p in subfolders if normalized(p.name) not in by_name]
         if unknown:
-            fail(f"{folder} has class folders that are not Fashion-MNIST classes: {', '.join(unknown)}")
+            fail(
+                f"{folder} has class folders that are not Fashion-MNIST classes: {', '.join(unknown)}"
+            )
         files = [f for sub in subfolders for f in sorted(sub.glob("*.png"))]
         requested = torch.tensor([by_name[normalized(f.parent.name)] for f in files])
     if not files:
         fail(f"no PNGs in {folder}")
     pixels = np.stack([read_gray(f) for f in files])  # (N, 32, 32) uint8
     if pixels.shape[1:] != (32, 32):
-        fail(f"the generated images in {folder} are {pixels.shape[2]}x{pixels.shape[1]}, the classifier reads 32x32")
+        fail(
+            f"the generated images in {folder} are {pixels.shape[2]}x{pixels.shape[1]}, the classifier reads 32x32"
+        )
     return torch.from_numpy(pixels)[:, None].float() / 127.5 - 1, requested
 
 
@@ -267,12 +292,17 @@ def continue_until(script: str, run_dir: Path, seconds: float) -> int:
     """Resume a run, stop it with SIGTERM after `seconds`, return the generator step its checkpoint reached."""
     log = run_dir.parent / f"{run_dir.name}.log"
     process = launch(
-        script_command(script, "--resume", str(run_dir / "checkpoint.pt"), "--total-steps", "1000000000"), log
+        script_command(
+            script, "--resume", str(run_dir / "checkpoint.pt"), "--total-steps", "1000000000"
+        ),
+        log,
     )
     try:
         process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)  # the script finishes its step, saves and exits with 128 + 15
+        process.send_signal(
+            signal.SIGTERM
+        )  # the script finishes its step, saves and exits with 128 + 15
         process.wait()
     # -15: the signal came before the script installed its handler, so the checkpoint is the one it started from.
     check_exit(process, log, allowed=(0, 128 + signal.SIGTERM, -signal.SIGTERM))
@@ -281,12 +311,16 @@ def continue_until(script: str, run_dir: Path, seconds: float) -> int:
 
 def generate(script: str, checkpoint: Path, num_images: int) -> Path:
     """The script's own --generate, which writes <checkpoint folder>/generated (its fixed-noise grid beside it)."""
-    command = script_command(script, "--generate", str(checkpoint), "--num-images", str(num_images), "--seed", "0")
+    command = script_command(
+        script, "--generate", str(checkpoint), "--num-images", str(num_images), "--seed", "0"
+    )
     run_to_end(command, checkpoint.parent / "generate.log")
     return checkpoint.parent / "generated"
 
 
-def measure_script(script: str, ablations: list, model: Classifier, reference: tuple, args: Args, work: Path) -> list:
+def measure_script(
+    script: str, ablations: list, model: Classifier, reference: tuple, args: Args, work: Path
+) -> list:
     """Every row of one script: per seed a fixed-steps row, a budget row and one row per ablation."""
     rows = []
     budget = 60 * args.budget_minutes
@@ -306,9 +340,21 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
         metrics = evaluate(model, out_dir, reference)
         if grid_to is not None:
             grid_to.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out_dir.parent / "generated_grid.png", grid_to)
+            # the first 64 generated PNGs, 8 a row (a --generate writes no grid of its own)
+            first = sorted(out_dir.rglob("*.png"), key=lambda f: f.name)[:64]
+            pixels = torch.stack([torchvision.io.decode_image(str(f)) for f in first])
+            grid = torchvision.utils.make_grid(pixels, 8)
+            torchvision.io.write_png(grid, str(grid_to))
         rows.append(
-            {"kind": kind, "label": label, "flags": flags, "seed": seed, "steps": steps, "wall_s": wall, **metrics}
+            {
+                "kind": kind,
+                "label": label,
+                "flags": flags,
+                "seed": seed,
+                "steps": steps,
+                "wall_s": wall,
+                **metrics,
+            }
         )
         print(
             f"[{script} seed {seed}] {label or kind}: FD {metrics['fd']:.2f}, coverage KL {metrics['kl']:.3f}, "
@@ -317,10 +363,20 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
 
     def run_ablations(seed: int) -> None:
         for j, (label, flags) in enumerate(ablations if script in args.ablation_scripts else []):
-            print(f"[{script} seed {seed}] ablation {label!r}: training {args.fixed_steps} steps with {flags}")
+            print(
+                f"[{script} seed {seed}] ablation {label!r}: training {args.fixed_steps} steps with {flags}"
+            )
             ablation_dir = work / f"{script}-seed{seed}-ablation{j}"
             wall = train(script, seed, shlex.split(flags), ablation_dir, args)
-            add_row("ablation", label, flags, seed, ablation_dir / "checkpoint.pt", args.fixed_steps, wall)
+            add_row(
+                "ablation",
+                label,
+                flags,
+                seed,
+                ablation_dir / "checkpoint.pt",
+                args.fixed_steps,
+                wall,
+            )
 
     for seed in args.seeds:
         if args.ablations_only:
@@ -330,21 +386,31 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
         run_dir = work / f"{script}-seed{seed}"
         print(f"[{script} seed {seed}] training {args.fixed_steps} steps")
         wall = train(script, seed, [], run_dir, args)
-        fixed_checkpoint = work / f"{script}-seed{seed}-step{args.fixed_steps}" / "checkpoint.pt"  # a folder each:
+        fixed_checkpoint = (
+            work / f"{script}-seed{seed}-step{args.fixed_steps}" / "checkpoint.pt"
+        )  # a folder each:
         fixed_checkpoint.parent.mkdir()  # --generate writes beside its checkpoint
-        shutil.copyfile(run_dir / "checkpoint.pt", fixed_checkpoint)  # the resumed run overwrites checkpoint.pt
+        shutil.copyfile(
+            run_dir / "checkpoint.pt", fixed_checkpoint
+        )  # the resumed run overwrites checkpoint.pt
         steps, budget_wall = args.fixed_steps, wall
         if wall < budget:
-            print(f"[{script} seed {seed}] continuing for the remaining {budget - wall:.0f} s of the budget")
+            print(
+                f"[{script} seed {seed}] continuing for the remaining {budget - wall:.0f} s of the budget"
+            )
             resumed = time.perf_counter()
             steps = continue_until(script, run_dir, budget - wall)
-            budget_wall = wall + time.perf_counter() - resumed  # a little over the budget: the last step and the save
+            budget_wall = (
+                wall + time.perf_counter() - resumed
+            )  # a little over the budget: the last step and the save
         else:
             print(
                 f"[{script} seed {seed}] {args.fixed_steps} steps took {wall:.0f} s, "
                 "the whole budget: the budget row repeats them"
             )
-        fixed_grid = assets / f"{script}-fashion-mnist-{args.fixed_steps}steps.png" if first else None
+        fixed_grid = (
+            assets / f"{script}-fashion-mnist-{args.fixed_steps}steps.png" if first else None
+        )
         budget_grid = assets / f"{script}-fashion-mnist.png" if first else None
         add_row("fixed", "", "", seed, fixed_checkpoint, args.fixed_steps, wall, fixed_grid)
         add_row("budget", "", "", seed, run_dir / "checkpoint.pt", steps, budget_wall, budget_grid)
@@ -353,7 +419,10 @@ def measure_script(script: str, ablations: list, model: Classifier, reference: t
             # The same weights without their moving average: --generate falls back to the raw generator.
             raw_checkpoint = work / f"{script}-seed{seed}-raw" / "checkpoint.pt"
             raw_checkpoint.parent.mkdir()
-            args_raw = {**checkpoint["args"], "ema_halflife": 0.0}  # the run's settings without its moving average
+            args_raw = {
+                **checkpoint["args"],
+                "ema_halflife": 0.0,
+            }  # the run's settings without its moving average
             torch.save({**checkpoint, "ema": None, "args": args_raw}, raw_checkpoint)
             raw_grid = assets / f"{script}-fashion-mnist-no-ema.png" if first else None
             add_row("budget-raw", "", "", seed, raw_checkpoint, steps, budget_wall, raw_grid)
@@ -373,10 +442,14 @@ def merge(stored: dict, script: str, entry: dict) -> None:
     old = stored["scripts"].get(script)
     if old and old["settings"] == entry["settings"]:
         new_keys = {(r["kind"], r["label"], r["seed"]) for r in entry["rows"]}
-        entry["rows"] = [r for r in old["rows"] if (r["kind"], r["label"], r["seed"]) not in new_keys] + entry["rows"]
+        entry["rows"] = [
+            r for r in old["rows"] if (r["kind"], r["label"], r["seed"]) not in new_keys
+        ] + entry["rows"]
         entry["commands"] = list(dict.fromkeys(old["commands"] + entry["commands"]))
     elif old:
-        print(f"{script}: the stored rows used other settings ({old['settings']}); they are replaced")
+        print(
+            f"{script}: the stored rows used other settings ({old['settings']}); they are replaced"
+        )
     stored["scripts"][script] = entry
 
 
@@ -398,7 +471,11 @@ def cells(group: list) -> dict:
 
 def write_markdown(stored: dict, path: Path) -> None:
     floor = stored["floor"]
-    runs = {(c, e["machine"], e["torch"], e["date"]) for e in stored["scripts"].values() for c in e["commands"]}
+    runs = {
+        (c, e["machine"], e["torch"], e["date"])
+        for e in stored["scripts"].values()
+        for c in e["commands"]
+    }
     lines = [
         "# Sample quality on Fashion-MNIST",
         "",
@@ -420,7 +497,10 @@ def write_markdown(stored: dict, path: Path) -> None:
         f"FD {floor['fd']:.2f}, coverage KL {floor['kl']:.4f}.",
         "- Mean ± standard deviation over the seeds listed.",
         "- Runs:",
-        *[f"  - `{command}`: {where}, torch {version}, {date}" for command, where, version, date in sorted(runs)],
+        *[
+            f"  - `{command}`: {where}, torch {version}, {date}"
+            for command, where, version, date in sorted(runs)
+        ],
         "",
     ]
     for script, entry in stored["scripts"].items():
@@ -452,7 +532,9 @@ def write_markdown(stored: dict, path: Path) -> None:
                 continue
             c = cells(group)
             accuracy = (
-                mean_std([100 * r["cond_acc"] for r in group], 1) + "%" if group[0]["cond_acc"] is not None else "—"
+                mean_std([100 * r["cond_acc"] for r in group], 1) + "%"
+                if group[0]["cond_acc"] is not None
+                else "—"
             )
             minutes = statistics.mean(r["wall_s"] for r in group) / 60
             lines.append(
@@ -484,9 +566,13 @@ def write_markdown(stored: dict, path: Path) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     ablations = check_args(args)
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines show at once, also when piped into a log
+    sys.stdout.reconfigure(
+        line_buffering=True
+    )  # progress lines show at once, also when piped into a log
     if args.cpus is not None:
-        pin_to_cpus(args.cpus)  # the training and generation processes inherit the cores and the thread count
+        pin_to_cpus(
+            args.cpus
+        )  # the training and generation processes inherit the cores and the thread count
     model = load_classifier()
 
     print("classifying the test images and the real-vs-real floor")
@@ -497,7 +583,12 @@ if __name__ == "__main__":
     subset = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:10000]
     train_features, train_predictions = classify(model, train_images[subset])
     floor_fd = frechet_distance(*gaussian_fit(train_features), *reference)
-    floor = {"fd": floor_fd, "kl": coverage_kl(train_predictions), "train_images": len(subset), "subset_seed": 0}
+    floor = {
+        "fd": floor_fd,
+        "kl": coverage_kl(train_predictions),
+        "train_images": len(subset),
+        "subset_seed": 0,
+    }
     print(f"real-vs-real floor: FD {floor['fd']:.2f}, coverage KL {floor['kl']:.4f}")
 
     results_dir = Path(args.results_dir)
@@ -512,13 +603,19 @@ if __name__ == "__main__":
         "cpus": len(args.cpus or os.sched_getaffinity(0)),
     }
     command = shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]])
-    with contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory() as work:
+    with (
+        contextlib.nullcontext(args.work_dir)
+        if args.work_dir
+        else tempfile.TemporaryDirectory() as work
+    ):
         work = Path(work)
         work.mkdir(parents=True, exist_ok=True)  # --work-dir was checked to be new
         for script in args.scripts:
             rows = measure_script(script, ablations, model, reference, args, work)
             entry = {"settings": settings, "commands": [command], "rows": rows}
-            entry.update(machine=machine(), torch=torch.__version__, date=datetime.date.today().isoformat())
+            entry.update(
+                machine=machine(), torch=torch.__version__, date=datetime.date.today().isoformat()
+            )
             # Read just before writing: another quality.py (a script measured on another core) may have written since.
             stored = json.loads(json_path.read_text()) if json_path.exists() else {"scripts": {}}
             stored.update(floor=floor, classifier_accuracy=accuracy)

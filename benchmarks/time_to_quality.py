@@ -62,7 +62,9 @@ OURS = {
 class Reference:
     checkout: str  # which --flag names the checkout
     path: str  # the training file, within the checkout
-    argv: List[str]  # their flags: the defaults, but what a run needs ({seed}, {data} are filled in)
+    argv: List[
+        str
+    ]  # their flags: the defaults, but what a run needs ({seed}, {data} are filled in)
     generator: str  # the global that holds the generator
     optimizer: str  # the global that holds the generator's optimizer: its step ends a training step
     noise: str  # the shape of a batch of z: "flat" (B, latent) or "4d" (B, nz, 1, 1)
@@ -71,10 +73,22 @@ class Reference:
 
 REFERENCES = {
     "PyTorch-GAN wgan_gp": Reference(
-        "pytorch_gan", "implementations/wgan_gp/wgan_gp.py", [], "generator", "optimizer_G", "flat", "opt.latent_dim"
+        "pytorch_gan",
+        "implementations/wgan_gp/wgan_gp.py",
+        [],
+        "generator",
+        "optimizer_G",
+        "flat",
+        "opt.latent_dim",
     ),
     "PyTorch-GAN dcgan": Reference(
-        "pytorch_gan", "implementations/dcgan/dcgan.py", [], "generator", "optimizer_G", "flat", "opt.latent_dim"
+        "pytorch_gan",
+        "implementations/dcgan/dcgan.py",
+        [],
+        "generator",
+        "optimizer_G",
+        "flat",
+        "opt.latent_dim",
     ),
     "pytorch/examples dcgan": Reference(
         "examples",
@@ -130,7 +144,9 @@ def child(spec: dict) -> None:
     namespace = {"__name__": "__main__", "__file__": spec["path"]}
     saved, steps = [], [0]
 
-    def after_step(optimizer, *_):  # every optimizer step: a generator step ends with the generator's optimizer
+    def after_step(
+        optimizer, *_
+    ):  # every optimizer step: a generator step ends with the generator's optimizer
         if optimizer is not namespace.get(ref["optimizer"] if ref else "opt_g"):
             return
         steps[0] += 1
@@ -138,16 +154,25 @@ def child(spec: dict) -> None:
             minute = marks.pop(0) / 60
             folder = out / f"{minute:g}min"
             folder.mkdir(parents=True)
-            if ref:  # kept in memory, drawn from after the run; its weights also on disk, for the record
+            if (
+                ref
+            ):  # kept in memory, drawn from after the run; its weights also on disk, for the record
                 saved.append((minute, steps[0], copy.deepcopy(namespace[ref["generator"]])))
                 torch.save(saved[-1][2].state_dict(), folder / "generator.pt")
             else:  # this repository's checkpoint, as its training loop writes it
                 state = {
-                    key: obj.state_dict() if obj is not None else None for key, obj in namespace["stateful"].items()
+                    key: obj.state_dict() if obj is not None else None
+                    for key, obj in namespace["state"].items()
                 }
                 args = dataclasses.asdict(namespace["args"])
-                state.update(kind=namespace["CHECKPOINT_KIND"], args=args, step=steps[0], reals=namespace["reals"])
-                if "classes" in namespace:  # cond_wgan_gp.py's --generate names its folders after them
+                state.update(
+                    kind=namespace["script"],
+                    args=args,
+                    step=steps[0],
+                )
+                if (
+                    "classes" in namespace
+                ):  # cond_wgan_gp.py's --generate names its folders after them
                     state["classes"] = namespace["classes"]
                 torch.save(state, folder / "checkpoint.pt")
             (folder / "steps").write_text(str(steps[0]))
@@ -160,8 +185,12 @@ def child(spec: dict) -> None:
         data = str(ROOT / "data")
 
         class FashionMNIST(torchvision.datasets.FashionMNIST):
-            def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
-                super().__init__(data, train=train, transform=transform, target_transform=target_transform)
+            def __init__(
+                self, root, train=True, transform=None, target_transform=None, download=False
+            ):
+                super().__init__(
+                    data, train=train, transform=transform, target_transform=target_transform
+                )
 
         torchvision.datasets.MNIST = FashionMNIST
         random.seed(spec["seed"]), np.random.seed(spec["seed"]), torch.manual_seed(spec["seed"])
@@ -171,8 +200,14 @@ def child(spec: dict) -> None:
     except Finished:
         pass
     if marks:
-        raise SystemExit(f"error: {spec['path']} ended before the last mark ({marks[0] / 60:g} min)")
-    for minute, _, generator in saved:  # their generator in training mode, as their sample grids are drawn
+        raise SystemExit(
+            f"error: {spec['path']} ended before the last mark ({marks[0] / 60:g} min)"
+        )
+    for (
+        minute,
+        _,
+        generator,
+    ) in saved:  # their generator in training mode, as their sample grids are drawn
         torch.manual_seed(0)
         latent = eval(ref["latent"], namespace)
         folder = out / f"{minute:g}min" / "generated"
@@ -180,8 +215,14 @@ def child(spec: dict) -> None:
         generator.train()
         with torch.no_grad():
             for start in range(0, spec["num_images"], 64):
-                z = torch.randn(64, latent) if ref["noise"] == "flat" else torch.randn(64, latent, 1, 1)
-                images = generator(z)[: spec["num_images"] - start]  # (64, 1, S, S) in [-1, 1], S their size
+                z = (
+                    torch.randn(64, latent)
+                    if ref["noise"] == "flat"
+                    else torch.randn(64, latent, 1, 1)
+                )
+                images = generator(z)[
+                    : spec["num_images"] - start
+                ]  # (64, 1, S, S) in [-1, 1], S their size
                 images = TF.resize(images, [32, 32], antialias=True).clamp(-1, 1)
                 for i, image in enumerate(images.add(1).mul(127.5).round().to(torch.uint8)):
                     torchvision.io.write_png(image, str(folder / f"{start + i:06d}.png"))
@@ -194,15 +235,22 @@ def launch(row: str, seed: int, core: int, args: Args, work: Path) -> tuple:
     spec = {"seed": seed, "minutes": args.minutes, "out": str(out), "num_images": args.num_images}
     if row in OURS:
         script, flags = OURS[row]
-        spec.update(path=str(ROOT / f"{script}.py"), argv=["--seed", str(seed), "--run-name", str(out / "run")])
+        spec.update(
+            path=str(ROOT / f"{script}.py"),
+            argv=["--seed", str(seed), "--run-name", str(out / "run")],
+        )
         spec["argv"] += ["--total-steps", "1000000000", *args.script_flags.split(), *flags]
         cwd = ROOT
     else:
         ref = REFERENCES[row]
         checkout = getattr(args, ref.checkout)
         argv = [a.format(seed=seed, data=ROOT / "data") for a in ref.argv]
-        spec.update(path=str(Path(checkout) / ref.path), argv=argv, reference=dataclasses.asdict(ref))
-        cwd = out / "cwd" / "a" / "b"  # their relative paths (../../data/mnist, images/) stay inside the run's folder
+        spec.update(
+            path=str(Path(checkout) / ref.path), argv=argv, reference=dataclasses.asdict(ref)
+        )
+        cwd = (
+            out / "cwd" / "a" / "b"
+        )  # their relative paths (../../data/mnist, images/) stay inside the run's folder
     cwd.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.txt", "w")
     code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import time_to_quality as t; t.child({{}})"
@@ -210,7 +258,9 @@ def launch(row: str, seed: int, core: int, args: Args, work: Path) -> tuple:
     command = [sys.executable, "-c", code.replace("{}", json.dumps(spec))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin), out
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin
+    ), out
 
 
 def train_all(jobs: list, args: Args, work: Path) -> dict:
@@ -219,14 +269,19 @@ def train_all(jobs: list, args: Args, work: Path) -> dict:
     while pending or running:
         for core in [c for c in args.cpus if c not in running and pending]:
             row, seed = pending.pop(0)
-            print(f"[{row} seed {seed}] training on core {core} for {max(args.minutes):g} min", flush=True)
+            print(
+                f"[{row} seed {seed}] training on core {core} for {max(args.minutes):g} min",
+                flush=True,
+            )
             running[core] = (row, seed, *launch(row, seed, core, args, work))
         for core, (row, seed, process, out) in list(running.items()):
             if process.poll() is not None:
                 del running[core]
                 if process.returncode != 0:
                     lines = (out / "log.txt").read_text(errors="replace").strip().splitlines()
-                    quality.fail(f"{row} seed {seed} failed: {lines[-1] if lines else process.returncode}")
+                    quality.fail(
+                        f"{row} seed {seed} failed: {lines[-1] if lines else process.returncode}"
+                    )
                 folders[(row, seed)] = out
         time.sleep(1)
     return folders
@@ -246,7 +301,8 @@ def score_all(folders: dict, args: Args, model, reference: tuple) -> dict:
             steps, seconds = (float((folder / name).read_text()) for name in ("steps", "seconds"))
             points.append({"minute": minute, "steps": int(steps), "seconds": seconds, **metrics})
             print(
-                f"[{row} seed {seed}] {minute:g} min: FD {metrics['fd']:.2f}, {points[-1]['steps']} steps", flush=True
+                f"[{row} seed {seed}] {minute:g} min: FD {metrics['fd']:.2f}, {points[-1]['steps']} steps",
+                flush=True,
             )
         results.setdefault(row, {})[str(seed)] = points
     return results
@@ -258,7 +314,9 @@ def score_all(folders: dict, args: Args, model, reference: tuple) -> dict:
 def spread(values: list, digits: int = 2) -> str:
     """Mean, and the range over the seeds when there are several: '13.74 (13.69-13.78)'."""
     mean = f"{statistics.mean(values):.{digits}f}"
-    return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return (
+        mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    )
 
 
 def write_table(stored: dict, path: Path) -> None:
@@ -274,17 +332,23 @@ def write_table(stored: dict, path: Path) -> None:
         f"- Command: `{stored['command']}`",
         *[f"- {name}: {commit}" for name, commit in stored["commits"].items()],
         "",
-        "| row | " + " | ".join(f"FD after {m:g} min" for m in shown) + f" | generator steps in {max(minutes):g} min"
+        "| row | "
+        + " | ".join(f"FD after {m:g} min" for m in shown)
+        + f" | generator steps in {max(minutes):g} min"
         " | conditional accuracy | seeds |",
         "|---|" + "---:|" * (len(shown) + 2) + "---|",
     ]
     for row, seeds in rows.items():
-        at = {m: [p for points in seeds.values() for p in points if p["minute"] == m] for m in minutes}
+        at = {
+            m: [p for points in seeds.values() for p in points if p["minute"] == m] for m in minutes
+        }
         cells = [spread([p["fd"] for p in at[m]]) for m in shown]
         steps = spread([p["steps"] for p in at[max(minutes)]], 0)
         accuracy = [100 * p["cond_acc"] for p in at[max(minutes)] if p["cond_acc"] is not None]
         accuracy = spread(accuracy, 1) + "%" if accuracy else ""
-        lines.append(f"| {row} | {' | '.join(cells)} | {steps} | {accuracy} | {', '.join(sorted(seeds))} |")
+        lines.append(
+            f"| {row} | {' | '.join(cells)} | {steps} | {accuracy} | {', '.join(sorted(seeds))} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -298,14 +362,21 @@ def write_plot(stored: dict, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
     for k, (row, seeds) in enumerate(stored["rows"].items()):
         minutes = sorted({p["minute"] for points in seeds.values() for p in points})
-        fds = [[p["fd"] for points in seeds.values() for p in points if p["minute"] == m] for m in minutes]
+        fds = [
+            [p["fd"] for points in seeds.values() for p in points if p["minute"] == m]
+            for m in minutes
+        ]
         mean = [statistics.mean(f) for f in fds]
         style = "--" if row in REFERENCES else "-"
         (line,) = axes.plot(minutes, mean, style, marker="o", color=f"C{k}", label=row)
-        axes.fill_between(minutes, [min(f) for f in fds], [max(f) for f in fds], color=line.get_color(), alpha=0.2)
+        axes.fill_between(
+            minutes, [min(f) for f in fds], [max(f) for f in fds], color=line.get_color(), alpha=0.2
+        )
     axes.set_xscale("log")
     axes.set_yscale("log")
-    ticks = sorted({p["minute"] for seeds in stored["rows"].values() for pts in seeds.values() for p in pts})
+    ticks = sorted(
+        {p["minute"] for seeds in stored["rows"].values() for pts in seeds.values() for p in pts}
+    )
     axes.set_xticks(ticks, [f"{t:g}" for t in ticks])
     axes.set_xlabel("minutes of training on one CPU core (startup included)")
     axes.set_ylabel("Frechet distance to the test set (lower is better)")
@@ -320,7 +391,9 @@ def write_plot(stored: dict, path: Path) -> None:
 def commit_of(checkout: Optional[str]) -> Optional[str]:
     if not checkout:
         return None
-    result = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True)
+    result = subprocess.run(
+        ["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True
+    )
     return result.stdout.strip() or "not a git checkout"
 
 
@@ -332,7 +405,11 @@ def main(args: Args) -> None:
         unknown = [row for row in args.rows if row not in OURS and row not in REFERENCES]
         if unknown:
             quality.fail(f"unknown rows {unknown}: choose from {list(OURS) + list(REFERENCES)}")
-        skipped = [row for row in args.rows if row in REFERENCES and not getattr(args, REFERENCES[row].checkout)]
+        skipped = [
+            row
+            for row in args.rows
+            if row in REFERENCES and not getattr(args, REFERENCES[row].checkout)
+        ]
         if skipped:
             print(f"skipping {', '.join(skipped)}: no checkout given (--pytorch-gan, --examples)")
         rows = [row for row in args.rows if row not in skipped]
@@ -348,7 +425,9 @@ def main(args: Args) -> None:
             reference = quality.gaussian_fit(quality.classify(model, test_images)[0])
             scored = score_all(folders, args, model, reference)
         train_images, _ = quality.load_train_set()
-        subset = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:10000]
+        subset = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[
+            :10000
+        ]
         floor = quality.frechet_distance(
             *quality.gaussian_fit(quality.classify(model, train_images[subset])[0]), *reference
         )
@@ -357,7 +436,11 @@ def main(args: Args) -> None:
             stored["rows"] = {}  # other marks are not comparable
         stored["rows"].update(scored)
         stored.update(
-            settings={"minutes": args.minutes, "num_images": args.num_images, "script_flags": args.script_flags},
+            settings={
+                "minutes": args.minutes,
+                "num_images": args.num_images,
+                "script_flags": args.script_flags,
+            },
             floor=floor,
             machine=machine(),
             torch=torch.__version__,

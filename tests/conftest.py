@@ -23,7 +23,18 @@ SCRIPTS = ["wgan_gp", "dcgan", "cond_wgan_gp", "resnet_sn_wgan_gp"]
 SHARED_SCRIPT = "wgan_gp"
 # A training run small enough for a test: 32 px, narrow networks, few images; EMA on (off by default in
 # most scripts) so that the tests cover its checkpointing, resume and sampling.
-TINY_COMMON = ["--batch-size", "8", "--g-width", "8", "--d-width", "8", "--max-images", "64", "--ema-halflife", "5000"]
+TINY_COMMON = [
+    "--batch-size",
+    "8",
+    "--g-width",
+    "8",
+    "--d-width",
+    "8",
+    "--max-images",
+    "64",
+    "--ema-halflife",
+    "5000",
+]
 TINY_METHOD = {
     "wgan_gp": ["--n-critic", "2"],
     "dcgan": [],
@@ -55,15 +66,18 @@ class FixedLabel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x, torch.full((len(x),), self.label, device=x.device))
-        return out[0] if isinstance(out, tuple) else out  # the critic's scores, without its class logits
+        # the critic's scores, without its class logits
+        return out[0] if isinstance(out, tuple) else out
 
 
-def build_critic(script: str, channels: int, image_size: int, width: int, norm: str = "instance") -> nn.Module:
+def build_critic(
+    script: str, channels: int, image_size: int, width: int, norm: str = "instance"
+) -> nn.Module:
     """The critic of a WGAN-GP script as a function of the images alone (a conditional one with its labels fixed).
     `norm` is resnet_sn_wgan_gp's option; the other two critics use layer norm."""
     module = load(script)
     if script == "cond_wgan_gp":
-        return FixedLabel(module.Critic(channels, image_size, width, 10, "projection", 4, False), 3)
+        return FixedLabel(module.Critic(channels, image_size, width, 10, False), 3)
     if script == "resnet_sn_wgan_gp":
         return module.Critic(channels, image_size, width, norm)
     return module.Critic(channels, image_size, width)
@@ -72,11 +86,13 @@ def build_critic(script: str, channels: int, image_size: int, width: int, norm: 
 def build_models(script: str, image_size: int, channels: int, latent_dim: int = 16):
     module = load(script)
     if script == "dcgan":
-        return module.Generator(latent_dim, channels, image_size, 8), module.Discriminator(channels, image_size, 8)
+        generator = module.Generator(latent_dim, channels, image_size, 8)
+        return generator, module.Discriminator(channels, image_size, 8)
     if script == "cond_wgan_gp":
         generator = FixedLabel(module.Generator(latent_dim, channels, image_size, 8, 10, 4), 3)
         return generator, build_critic(script, channels, image_size, 8)
-    return module.Generator(latent_dim, channels, image_size, 8), build_critic(script, channels, image_size, 8)
+    generator = module.Generator(latent_dim, channels, image_size, 8)
+    return generator, build_critic(script, channels, image_size, 8)
 
 
 # Most tests run a script as a user would, as __main__ in a process of its own, its output captured. Starting Python and
@@ -84,7 +100,16 @@ def build_models(script: str, image_size: int, channels: int, latent_dim: int = 
 # server process that imported them once (multiprocessing's forkserver: that server runs no torch op, so the fork is
 # safe). GAN_TESTS_SUBPROCESS=1 starts every run as a fresh `python script.py` instead.
 # Imported once, in the forkserver; every run forks from it. torch.compile's modules too: 2.5 s a compiling run.
-PRELOAD = ["torch", "torchvision", "torch.utils.tensorboard", "tyro", "tqdm", "PIL.Image", "numpy", "torch._dynamo"]
+PRELOAD = [
+    "torch",
+    "torchvision",
+    "torch.utils.tensorboard",
+    "tyro",
+    "tqdm",
+    "PIL.Image",
+    "numpy",
+    "torch._dynamo",
+]
 PRELOAD += ["torch._inductor.compile_fx"]
 
 
@@ -118,18 +143,28 @@ def _main(path: str, args: list, cwd: str, env: dict, out: str, err: str, prelud
 
 
 def run(
-    script: str, *args: str, cwd: Path, timeout: float = 240, env: dict = None, prelude: str = "", fresh: bool = False
+    script: str,
+    *args: str,
+    cwd: Path,
+    timeout: float = 240,
+    env: dict = None,
+    prelude: str = "",
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run a script as a user would, from `cwd`, and capture what it prints; `prelude`: Python run before it.
-    fresh: in a new interpreter, as GAN_TESTS_SUBPROCESS=1 does; the forked run starts DataLoader workers through the
-    forkserver, which a prelude's patches do not reach."""
+    fresh: in a new interpreter, as GAN_TESTS_SUBPROCESS=1 does, instead of forked from the server that preloaded
+    PRELOAD."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     path = str(ROOT / f"{script}.py")
     if fresh or os.environ.get("GAN_TESTS_SUBPROCESS") == "1":
         code = f"import runpy, sys; exec({prelude!r}, {{}}); sys.argv = sys.argv[1:]; "
         code += "runpy.run_path(sys.argv[0], run_name='__main__')"
-        command = [sys.executable, "-c", code, path, *args] if prelude else [sys.executable, path, *args]
-        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        command = (
+            [sys.executable, "-c", code, path, *args] if prelude else [sys.executable, path, *args]
+        )
+        return subprocess.run(
+            command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
     import multiprocessing
     import tempfile
 
@@ -137,7 +172,9 @@ def run(
     context.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        process = context.Process(target=_main, args=(path, list(args), str(cwd), env, out, err, prelude))
+        process = context.Process(
+            target=_main, args=(path, list(args), str(cwd), env, out, err, prelude)
+        )
         process.start()
         process.join(timeout)
         if process.exitcode is None:
@@ -183,7 +220,15 @@ def trained(tmp_path_factory):
         if script not in cache:
             cwd = tmp_path_factory.mktemp(f"run_{script}")
             # A few dozen steps in bf16 (fp16 runs: test_precision.py), logged and saved twice.
-            flags = [*tiny(script), "--precision", "bf16", "--total-steps", "24", "--log-every", "12"]
+            flags = [
+                *tiny(script),
+                "--precision",
+                "bf16",
+                "--total-steps",
+                "24",
+                "--log-every",
+                "12",
+            ]
             flags += ["--sample-every", "12", "--run-name", "tiny"]
             result = run(script, *flags, cwd=cwd)
             assert result.returncode == 0, result.stderr[-3000:]
@@ -213,8 +258,14 @@ atexit.register(lambda: torch.save(records, {str(out)!r}))
 
 # The tests that take a minute (torch.compile's first compile of a network, the benchmarks' end-to-end runs) start
 # first: xdist hands tests out in this order, so no worker is left alone with one of them at the end of the run.
-SLOW_FIRST = ("test_compile_trains", "test_speed_benchmark", "test_quality_benchmark", "test_quality_is_recorded")
+SLOW_FIRST = (
+    "test_compile_trains",
+    "test_speed_benchmark",
+    "test_quality_benchmark",
+    "test_quality_is_recorded",
+)
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: not item.name.startswith(SLOW_FIRST))  # stable: the rest keep their order
+    # stable: the rest keep their order
+    items.sort(key=lambda item: not item.name.startswith(SLOW_FIRST))

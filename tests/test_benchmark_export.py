@@ -10,16 +10,8 @@ from PIL import Image
 
 
 def test_export_reals_writes_the_training_pixels(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks/export_reals.py"),
-        "--num-images",
-        "5",
-        "--seed",
-        "3",
-        "--out-dir",
-        str(tmp_path / "reals"),
-    ]
+    command = [sys.executable, str(ROOT / "benchmarks/export_reals.py"), "--num-images", "5"]
+    command += ["--seed", "3", "--out-dir", str(tmp_path / "reals")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     module = load("wgan_gp")
@@ -34,17 +26,9 @@ def test_export_reals_writes_the_training_pixels(tmp_path):
 
 
 def test_export_reals_refuses_more_images_than_the_dataset_has(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks/export_reals.py"),
-        "--num-images",
-        "60001",
-        "--out-dir",
-        str(tmp_path / "reals"),
-    ]
+    command = [sys.executable, str(ROOT / "benchmarks/export_reals.py"), "--num-images", "60001"]
+    command += ["--out-dir", str(tmp_path / "reals")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert (
-        result.returncode == 1
-        and result.stderr.strip() == "error: --num-images must be from 1 to 60000 (the dataset's size), got 60001"
-    )
+    message = "error: --num-images must be from 1 to 60000 (the dataset's size), got 60001"
+    assert result.returncode == 1 and result.stderr.strip() == message
     assert not (tmp_path / "reals").exists()

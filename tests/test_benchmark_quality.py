@@ -19,17 +19,24 @@ import quality  # noqa: E402
 
 def test_frechet_distance_matches_the_closed_form_of_diagonal_gaussians():
     g = torch.Generator().manual_seed(0)
-    mu1, mu2 = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    mu1, mu2 = (
+        torch.randn(8, generator=g, dtype=torch.float64),
+        torch.randn(8, generator=g, dtype=torch.float64),
+    )
     s1, s2 = (
         torch.rand(8, generator=g, dtype=torch.float64) + 0.1,
         torch.rand(8, generator=g, dtype=torch.float64) + 0.1,
     )
     # FD = ||mu1 - mu2||^2 + sum_i (s1_i + s2_i - 2 sqrt(s1_i s2_i)) when both covariances are diagonal
     expected = ((mu1 - mu2).pow(2).sum() + (s1 + s2 - 2 * (s1 * s2).sqrt()).sum()).item()
-    assert math.isclose(quality.frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2)), expected, rel_tol=1e-9)
+    assert math.isclose(
+        quality.frechet_distance(mu1, torch.diag(s1), mu2, torch.diag(s2)), expected, rel_tol=1e-9
+    )
     # A shared rotation leaves the distance unchanged but makes C1 C2 non-symmetric: the general path.
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
-    rotated = quality.frechet_distance(q @ mu1, q @ torch.diag(s1) @ q.T, q @ mu2, q @ torch.diag(s2) @ q.T)
+    rotated = quality.frechet_distance(
+        q @ mu1, q @ torch.diag(s1) @ q.T, q @ mu2, q @ torch.diag(s2) @ q.T
+    )
     assert math.isclose(rotated, expected, rel_tol=1e-9)
 
 
@@ -51,10 +58,17 @@ def test_class_folders_map_to_fashion_mnist_classes(tmp_path):
     for folder in ("t-shirt_top", "Ankle boot"):
         (tmp_path / folder).mkdir()
         for i in range(2):
-            Image.fromarray(np.full((32, 32), 255 * i, dtype=np.uint8)).save(tmp_path / folder / f"{i:06d}.png")
+            Image.fromarray(np.full((32, 32), 255 * i, dtype=np.uint8)).save(
+                tmp_path / folder / f"{i:06d}.png"
+            )
     images, requested = quality.read_generated(tmp_path)
     assert images.shape == (4, 1, 32, 32) and images.min() == -1 and images.max() == 1
-    assert requested.tolist() == [9, 9, 0, 0]  # folders in sorted order: "Ankle boot" before "t-shirt_top"
+    assert requested.tolist() == [
+        9,
+        9,
+        0,
+        0,
+    ]  # folders in sorted order: "Ankle boot" before "t-shirt_top"
 
 
 def write_pngs(folder: Path, images: torch.Tensor) -> None:
@@ -76,16 +90,22 @@ def test_the_score_tells_real_images_from_one_class_and_from_blanks(scorer, tmp_
     model, reference = scorer
     train, labels = quality.load_train_set()
     write_pngs(tmp_path / "real", train[:2000])
-    write_pngs(tmp_path / "sneakers", train[labels == 7][:2000])  # a generator collapsed onto one class
+    write_pngs(
+        tmp_path / "sneakers", train[labels == 7][:2000]
+    )  # a generator collapsed onto one class
     write_pngs(tmp_path / "blank", torch.full((500, 1, 32, 32), -1.0))
-    real, sneakers, blank = (quality.evaluate(model, tmp_path / f, reference) for f in ("real", "sneakers", "blank"))
+    real, sneakers, blank = (
+        quality.evaluate(model, tmp_path / f, reference) for f in ("real", "sneakers", "blank")
+    )
     assert real["fd"] < 1 and real["kl"] < 0.01 and real["cond_acc"] is None
     assert sneakers["fd"] > 100 and sneakers["kl"] > 2 and blank["fd"] > 100
     assert math.isclose(blank["kl"], math.log(10))  # every blank is given one class
     # Class folders, as a conditional script writes them: the classifier agrees with the folder it finds an image in.
     for k, name in enumerate(quality.CLASSES):
         write_pngs(tmp_path / "by_class" / name.replace("/", "_"), train[labels == k][:50])
-        write_pngs(tmp_path / "shifted" / name.replace("/", "_"), train[labels == (k + 1) % 10][:50])
+        write_pngs(
+            tmp_path / "shifted" / name.replace("/", "_"), train[labels == (k + 1) % 10][:50]
+        )
     assert quality.evaluate(model, tmp_path / "by_class", reference)["cond_acc"] > 0.9
     assert quality.evaluate(model, tmp_path / "shifted", reference)["cond_acc"] < 0.1
 
@@ -112,7 +132,9 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     assert 0 <= stored["floor"]["fd"] < 1 and stored["classifier_accuracy"] > 0.9
     rows = {row["kind"]: row for row in stored["scripts"]["wgan_gp"]["rows"]}
     assert set(rows) == {"fixed", "budget", "budget-raw", "ablation"}
-    assert rows["budget-raw"]["steps"] == rows["budget"]["steps"]  # the same checkpoint, sampled without its EMA:
+    assert (
+        rows["budget-raw"]["steps"] == rows["budget"]["steps"]
+    )  # the same checkpoint, sampled without its EMA:
     budget = torch.load(tmp_path / "work" / "wgan_gp-seed1" / "checkpoint.pt", weights_only=True)
     raw = torch.load(tmp_path / "work" / "wgan_gp-seed1-raw" / "checkpoint.pt", weights_only=True)
     assert budget["ema"] is not None and raw["ema"] is None and raw["args"]["ema_halflife"] == 0
@@ -124,11 +146,16 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     model = quality.load_classifier()
     reference = quality.gaussian_fit(quality.classify(model, quality.load_test_set()[0])[0])
     again = quality.evaluate(model, tmp_path / "work" / "wgan_gp-seed1" / "generated", reference)
-    assert math.isclose(again["fd"], rows["budget"]["fd"], rel_tol=1e-6) and again["kl"] == rows["budget"]["kl"]
+    assert (
+        math.isclose(again["fd"], rows["budget"]["fd"], rel_tol=1e-6)
+        and again["kl"] == rows["budget"]["kl"]
+    )
     assert rows["fixed"]["steps"] == 2 and rows["ablation"]["steps"] == 2
     # The resumed run was stopped by SIGTERM once the 15 s were spent, its step finished and saved (15 s leave the
     # resumed run time to start even on a loaded machine), not run to its end.
-    assert 15 <= rows["budget"]["wall_s"] < 15 + 60 and rows["budget"]["steps"] == budget["step"] >= 2
+    assert (
+        15 <= rows["budget"]["wall_s"] < 15 + 60 and rows["budget"]["steps"] == budget["step"] >= 2
+    )
     assert "stopped at step" in (tmp_path / "work" / "wgan_gp-seed1.log").read_text()
     table = (tmp_path / "results" / "quality.md").read_text()
     assert (

@@ -16,7 +16,10 @@ def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "speed-cpu-tiny.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| configuration")]
+    lines = table.splitlines()
+    rows = [
+        line for line in lines if line.startswith("| ") and not line.startswith("| configuration")
+    ]
     assert [r.split(" | ")[0][2:] for r in rows] == [
         "textbook: PIL per step, 3 critic forwards, fp32",
         "+ uint8 tensor data, index slices",
@@ -31,21 +34,22 @@ def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
         "wgan_gp.py EMA on (--ema-halflife 10000)",
         "wgan_gp.py the penalty on every critic step (--gp-every 1)",
     ] + ["wgan_gp.py defaults on 1 core, 1 thread"] * (len(os.sched_getaffinity(0)) > 1)
-    cells = {
-        r.split(" | ")[0][2:]: r.rstrip(" |").split(" | ")[1:] for r in rows
-    }  # precision, steps/s, images/s, x, GFLOP, %
+    # precision, steps/s, images/s, x, GFLOP, %
+    cells = {r.split(" | ")[0][2:]: r.rstrip(" |").split(" | ")[1:] for r in rows}
     assert cells["textbook: PIL per step, 3 critic forwards, fp32"][3] == "1.00x"
-    assert [cells[k][0] for k in ("+ bf16 autocast", "wgan_gp.py fp32 (--precision fp32)")] == ["bf16", "fp32"]
-    assert cells["wgan_gp.py bf16 (--precision bf16)"][0] == "bf16" and cells["wgan_gp.py defaults"][0] in (
-        "fp32",
-        "bf16",
-    )
+    precisions = [cells[k][0] for k in ("+ bf16 autocast", "wgan_gp.py fp32 (--precision fp32)")]
+    assert precisions == ["bf16", "fp32"]
+    assert cells["wgan_gp.py bf16 (--precision bf16)"][0] == "bf16"
+    assert cells["wgan_gp.py defaults"][0] in ("fp32", "bf16")
     # FLOPs per step, the script's counted in its own process: the lazy rows (the script's CPU default among them) do
     # the work of 5 forwards and 5 / 4 penalties, the same in every precision.
     flops = {label: cell[4] for label, cell in cells.items()}
     full, lazy = float(flops["+ channels_last"]), float(flops["wgan_gp.py defaults"])
-    assert flops["+ the penalty on every 4th critic step only (lazy)"] == flops["wgan_gp.py defaults"]
-    assert flops["+ bf16 autocast"] == flops["wgan_gp.py bf16 (--precision bf16)"] == flops["wgan_gp.py defaults"]
+    assert (
+        flops["+ the penalty on every 4th critic step only (lazy)"] == flops["wgan_gp.py defaults"]
+    )
+    bf16 = flops["+ bf16 autocast"], flops["wgan_gp.py bf16 (--precision bf16)"]
+    assert bf16[0] == bf16[1] == flops["wgan_gp.py defaults"]
     assert 0.4 * full < lazy < 0.8 * full
     assert float(flops["wgan_gp.py the penalty on every critic step (--gp-every 1)"]) == full
     for label, cell in cells.items():
@@ -64,7 +68,8 @@ def test_script_shapes_choose_where_each_script_is_timed():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import speed
 
-    args = speed.Args(scripts=["wgan_gp", "dcgan", "resnet_sn_wgan_gp"], script_shapes=["32x1", "64x3=wgan_gp,dcgan"])
+    scripts = ["wgan_gp", "dcgan", "resnet_sn_wgan_gp"]
+    args = speed.Args(scripts=scripts, script_shapes=["32x1", "64x3=wgan_gp,dcgan"])
     assert speed.scripts_at("32x1", args) == ["wgan_gp", "dcgan", "resnet_sn_wgan_gp"]
     assert speed.scripts_at("64x3", args) == ["wgan_gp", "dcgan"]
     assert speed.scripts_at("128x3", args) == []

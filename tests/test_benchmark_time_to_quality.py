@@ -42,7 +42,9 @@ t.main(tyro.cli(t.Args))
 """
 
 
-def test_quality_is_recorded_at_each_mark_for_a_script_and_a_reference_then_tabled_and_plotted(tmp_path):
+def test_quality_is_recorded_at_each_mark_for_a_script_and_a_reference_then_tabled_and_plotted(
+    tmp_path,
+):
     (tmp_path / "checkout").mkdir()
     (tmp_path / "checkout" / "reference.py").write_text(REFERENCE)
     (tmp_path / "harness.py").write_text(HARNESS.format(bench=str(ROOT / "benchmarks")))
@@ -58,20 +60,32 @@ def test_quality_is_recorded_at_each_mark_for_a_script_and_a_reference_then_tabl
     for row, seeds in stored["rows"].items():
         points = seeds["1"]
         assert [p["minute"] for p in points] == [0.08, 0.12], row
-        assert 0 < points[0]["steps"] <= points[1]["steps"] and all(p["fd"] > stored["floor"] for p in points), row
+        assert 0 < points[0]["steps"] <= points[1]["steps"] and all(
+            p["fd"] > stored["floor"] for p in points
+        ), row
         # Saved at the first step past each mark: the last, long after startup, within a few tiny steps of its time.
-        assert all(p["seconds"] >= 60 * p["minute"] for p in points) and points[1]["seconds"] < 60 * 0.12 + 3, row
+        assert (
+            all(p["seconds"] >= 60 * p["minute"] for p in points)
+            and points[1]["seconds"] < 60 * 0.12 + 3
+        ), row
         # The conditional script is also scored on the class asked for (its checkpoint keeps the class names).
-        assert all((0 <= p["cond_acc"] <= 1) if row == "cond_wgan_gp.py" else p["cond_acc"] is None for p in points)
+        assert all(
+            (0 <= p["cond_acc"] <= 1) if row == "cond_wgan_gp.py" else p["cond_acc"] is None
+            for p in points
+        )
     # Each mark saved while training, at its time: this repository's checkpoint format, the reference's weights.
     ours = tmp_path / "work" / "cond_wgan_gp.py-seed1"
     assert (ours / "0.08min" / "checkpoint.pt").is_file()
-    assert len(list((ours / "0.12min" / "generated").glob("*/*.png"))) == 64  # one folder per class, named after it
+    assert (
+        len(list((ours / "0.12min" / "generated").glob("*/*.png"))) == 64
+    )  # one folder per class, named after it
     reference = tmp_path / "work" / "tiny_reference-seed1"
     assert (reference / "0.12min" / "generator.pt").is_file()
     with Image.open(reference / "0.12min" / "generated" / "000000.png") as image:
         assert image.size == (32, 32)  # resized from the reference's 28 to be scored as ours are
-    assert (reference / "cwd" / "data" / "mnist").is_dir()  # its ../../data/mnist stayed inside the run's folder
+    assert (
+        reference / "cwd" / "data" / "mnist"
+    ).is_dir()  # its ../../data/mnist stayed inside the run's folder
     # The stored numbers are the scores of the images generated at each mark: scored again here, they match.
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import quality
@@ -83,6 +97,10 @@ def test_quality_is_recorded_at_each_mark_for_a_script_and_a_reference_then_tabl
             again = quality.evaluate(model, folder / f"{point['minute']}min" / "generated", fit)
             assert math.isclose(again["fd"], point["fd"], rel_tol=1e-6), (row, point["minute"])
     table = (tmp_path / "results" / "time-to-quality.md").read_text()
-    assert "| cond_wgan_gp.py |" in table and "| tiny reference |" in table and "FD after 0.12 min" in table
+    assert (
+        "| cond_wgan_gp.py |" in table
+        and "| tiny reference |" in table
+        and "FD after 0.12 min" in table
+    )
     with Image.open(tmp_path / "plot.png") as plot:
         assert plot.size[0] > 500 and plot.size[1] > 300

@@ -20,33 +20,38 @@ def sigmas(model: nn.Module) -> list:
     was_training = model.training
     model.eval()  # reading .weight in training mode would run one more power iteration
     with torch.no_grad():
-        values = [torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item() for m in normalised(model)]
+        values = [
+            torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item() for m in normalised(model)
+        ]
     model.train(was_training)
     return values
 
 
 @pytest.mark.parametrize("image_size, g_convs, d_convs", [(32, 10, 9), (64, 13, 12)])
-@pytest.mark.parametrize("on", [True, False])
-def test_spectral_norm_sits_on_every_conv_and_linear_that_should_carry_it(image_size, g_convs, d_convs, on):
-    generator = resnet.Generator(16, 3, image_size, 8, "instance", sn=on)
-    critic = resnet.Critic(3, image_size, 8, "instance", sn=on)
+def test_spectral_norm_sits_on_every_conv_and_linear_that_should_carry_it(
+    image_size, g_convs, d_convs
+):
+    generator = resnet.Generator(16, 3, image_size, 8, "instance")
+    critic = resnet.Critic(3, image_size, 8, "instance")
     # Generator: 3 convs per up-sampling block (2 in its residual block) and the output conv;
     # its linear seed stays plain.
     g_conv = [m for m in generator.modules() if isinstance(m, nn.Conv2d)]
     assert len(g_conv) == g_convs
-    assert [m for m in generator.modules() if isinstance(m, nn.Linear)] == [generator[0]]  # the seed z -> 4x4
+    assert [m for m in generator.modules() if isinstance(m, nn.Linear)] == [
+        generator[0]
+    ]  # the seed z -> 4x4
     assert not parametrize.is_parametrized(generator[0])
     # Critic: the stem, 2 convs per residual block, a 1x1 shortcut where the channels double, and the linear score.
     d_layers = [m for m in critic.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert len(d_layers) == d_convs + 1
-    assert sum(m.kernel_size == (1, 1) for m in d_layers if isinstance(m, nn.Conv2d)) == image_size.bit_length() - 4
-    if on:
-        assert normalised(generator) == g_conv and normalised(critic) == d_layers
-        for m in normalised(generator) + normalised(critic):
-            assert [type(p).__name__ for p in m.parametrizations.weight] == ["_SpectralNorm"]
-            assert m.parametrizations.weight[0].n_power_iterations == 1
-    else:
-        assert normalised(generator) == [] and normalised(critic) == []
+    assert (
+        sum(m.kernel_size == (1, 1) for m in d_layers if isinstance(m, nn.Conv2d))
+        == image_size.bit_length() - 4
+    )
+    assert normalised(generator) == g_conv and normalised(critic) == d_layers
+    for m in normalised(generator) + normalised(critic):
+        assert [type(p).__name__ for p in m.parametrizations.weight] == ["_SpectralNorm"]
+        assert m.parametrizations.weight[0].n_power_iterations == 1
 
 
 def test_a_few_power_iterations_bring_every_normalised_weight_to_sigma_one():
@@ -95,18 +100,26 @@ def test_power_iteration_runs_in_training_mode_only():
 
 def test_generator_output_is_tanh_bounded():
     torch.manual_seed(0)
-    generator = resnet.Generator(16, 3, 32, 8, "none", sn=False)
+    generator = resnet.Generator(16, 3, 32, 8, "none")
     with torch.no_grad():
         images = generator(1000 * torch.randn(8, 16))
     assert images.min() >= -1 and images.max() <= 1
-    assert images.abs().max() > 0.999  # saturated: the bound comes from the tanh, not from small values
+    assert (
+        images.abs().max() > 0.999
+    )  # saturated: the bound comes from the tanh, not from small values
     assert isinstance(generator[-1], nn.Tanh)
 
 
-@pytest.mark.parametrize("norm, kind", [("instance", nn.InstanceNorm2d), ("batch", nn.BatchNorm2d), ("none", None)])
+@pytest.mark.parametrize(
+    "norm, kind", [("instance", nn.InstanceNorm2d), ("batch", nn.BatchNorm2d), ("none", None)]
+)
 def test_generator_norm_options_give_the_expected_layers(norm, kind):
     generator = resnet.Generator(16, 1, 32, 8, norm)
-    norms = [m for m in generator.modules() if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm))]
+    norms = [
+        m
+        for m in generator.modules()
+        if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm))
+    ]
     convs = [m for m in generator.modules() if isinstance(m, nn.Conv2d)]
     if kind is None:
         assert norms == [] and all(c.bias is not None for c in convs)
@@ -115,15 +128,21 @@ def test_generator_norm_options_give_the_expected_layers(norm, kind):
             type(m) is kind for m in norms
         )  # after the seed and each hidden conv: 1 + 3 x 3
         assert all(isinstance(m, nn.BatchNorm2d) or m.affine for m in norms)
-        assert sum(c.bias is not None for c in convs) == 1  # only the output conv: a norm's shift follows the others
+        assert (
+            sum(c.bias is not None for c in convs) == 1
+        )  # only the output conv: a norm's shift follows the others
 
 
-@pytest.mark.parametrize("norm, kind", [("instance", nn.InstanceNorm2d), ("layer", nn.GroupNorm), ("none", None)])
+@pytest.mark.parametrize(
+    "norm, kind", [("instance", nn.InstanceNorm2d), ("layer", nn.GroupNorm), ("none", None)]
+)
 def test_critic_norm_options_give_the_expected_layers(norm, kind):
     critic = resnet.Critic(1, 32, 8, norm)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules())
     norms = [m for m in critic.modules() if isinstance(m, (nn.InstanceNorm2d, nn.GroupNorm))]
-    assert len(norms) == (0 if kind is None else 6) and all(type(m) is kind for m in norms)  # 2 per residual block
+    assert len(norms) == (0 if kind is None else 6) and all(
+        type(m) is kind for m in norms
+    )  # 2 per residual block
 
 
 def test_defaults_are_the_resnet_recipe():
@@ -136,19 +155,15 @@ def test_defaults_are_the_resnet_recipe():
         5,
         True,
     )
-    assert (args.g_norm, args.g_spectral_norm, args.critic_norm, args.critic_spectral_norm) == (
-        "instance",
-        True,
-        "instance",
-        True,
-    )
-    assert resnet.CHECKPOINT_KIND == "resnet_sn_wgan_gp"
+    assert (args.g_norm, args.critic_norm) == ("instance", "instance")
 
 
 def test_learning_rate_decays_linearly_to_zero(trained):
     # The tiny run: 24 steps, logged at steps 12 and 24. Step k (1-based) trains at 2e-4 * (1 - (k - 1) / 24),
     # so the rate would reach 0 at the step after the last.
-    events = EventAccumulator(str(trained("resnet_sn_wgan_gp")), size_guidance={"scalars": 0}).Reload()
+    events = EventAccumulator(
+        str(trained("resnet_sn_wgan_gp")), size_guidance={"scalars": 0}
+    ).Reload()
     rates = [(e.step, e.value) for e in events.Scalars("charts/learning_rate")]
     assert [step for step, _ in rates] == [12, 24]
     assert [value for _, value in rates] == pytest.approx([2e-4 * 13 / 24, 2e-4 / 24], rel=1e-6)
@@ -156,10 +171,13 @@ def test_learning_rate_decays_linearly_to_zero(trained):
 
 def test_checkpoint_holds_every_power_iteration_vector(trained):
     ckpt = load_checkpoint(trained("resnet_sn_wgan_gp") / "checkpoint.pt")
+    assert ckpt["kind"] == "resnet_sn_wgan_gp"
     for key in ("generator", "critic", "ema"):
         assert sum(name.endswith("parametrizations.weight.0._u") for name in ckpt[key]) == 10, key
         assert sum(name.endswith("parametrizations.weight.0._v") for name in ckpt[key]) == 10, key
-        assert sum(name.endswith("parametrizations.weight.original") for name in ckpt[key]) == 10, key
+        assert sum(name.endswith("parametrizations.weight.original") for name in ckpt[key]) == 10, (
+            key
+        )
 
 
 def test_ema_of_a_spectrally_normalised_generator_averages_weights_and_copies_vectors(trained):
@@ -172,7 +190,9 @@ def test_ema_of_a_spectrally_normalised_generator_averages_weights_and_copies_ve
         if name.endswith(("._u", "._v")) or "running_" in name or "num_batches" in name:
             assert torch.equal(tensor, trained_weights[name]), name  # buffers: copied
         elif name.endswith("original"):
-            assert not torch.equal(tensor, trained_weights[name]), name  # weights: averaged, behind the trained ones
+            assert not torch.equal(tensor, trained_weights[name]), (
+                name
+            )  # weights: averaged, behind the trained ones
     ema = resnet.Generator(ckpt["args"]["latent_dim"], 1, 32, 8, ckpt["args"]["g_norm"]).eval()
     ema.load_state_dict(averaged)
     values = sigmas(ema)  # the copied vectors estimate sigma of the averaged weights closely

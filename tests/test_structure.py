@@ -1,17 +1,19 @@
 """The design, checked: the four scripts share their plumbing byte for byte (so `diff wgan_gp.py dcgan.py` shows the
-method alone), each stays within its line budget, and each reads in the same order, the method first."""
+method alone), each stays within its budget of characters, lines of at most 100 and a mean line of 60, and each reads in the same order, the method first."""
 
 import ast
 
 import pytest
 from conftest import ROOT, SCRIPTS
 
-BUDGETS = {"wgan_gp": 450, "dcgan": 450, "resnet_sn_wgan_gp": 500, "cond_wgan_gp": 550}
+# Characters of each file's text, newlines included: a line budget invites wide lines.
+BUDGETS = {"wgan_gp": 24000, "dcgan": 24000, "resnet_sn_wgan_gp": 26000, "cond_wgan_gp": 30000}
 # Defined in every script but different by design: the settings, the networks and the checks of the method's settings.
 METHOD = {"Args", "Generator", "Critic", "check_args"}
 # The plumbing every script has; a name missing from one script would split the shared design.
-SHARED = {"load_dataset", "decode_files", "batch_indices", "fail", "setup_device", "optimizer_step", "load_checkpoint"}
-SHARED |= {"write_atomic", "save_png", "one_line", "all_reduce", "has_type", "lock", "remove_unless_saved", "stopped"}
+SHARED = {"load_dataset", "decode", "extract", "unreadable", "batch_indices", "fail", "excepthook"}
+SHARED |= {"request_stop", "setup_device", "optimizer_step", "load_checkpoint", "restore"}
+SHARED |= {"write_atomic", "claim", "remove_unless_saved", "save_png"}
 
 
 def definitions(script: str) -> dict:
@@ -19,7 +21,9 @@ def definitions(script: str) -> dict:
     source = (ROOT / f"{script}.py").read_text()
     tree = ast.parse(source)
     return {
-        n.name: ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+        n.name: ast.get_source_segment(source, n)
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef))
     }
 
 
@@ -36,11 +40,30 @@ def test_shared_functions_and_classes_are_identical_in_every_script():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_line_budget_and_length(script):
-    lines = (ROOT / f"{script}.py").read_text().splitlines()
-    assert len(lines) <= BUDGETS[script], f"{script}.py has {len(lines)} lines, its budget is {BUDGETS[script]}"
-    long = [i + 1 for i, line in enumerate(lines) if len(line) > 120]
-    assert not long, f"{script}.py: lines over 120 characters: {long}"
+def test_size_in_characters_line_length_and_mean_line(script):
+    text = (ROOT / f"{script}.py").read_text()
+    lines = text.splitlines()
+    filled = [line for line in lines if line.strip()]
+    mean = sum(map(len, filled)) / len(filled)
+    long = [i + 1 for i, line in enumerate(lines) if len(line) > 100]
+    print(f"{script}.py: {len(text):,} characters of {BUDGETS[script]:,}, {len(lines)} lines, "
+          f"mean non-blank line {mean:.1f}, lines over 100 characters: {len(long)}")  # fmt: skip
+    assert len(text) <= BUDGETS[script], (
+        f"{script}.py has {len(text):,} characters, its budget is {BUDGETS[script]:,}"
+    )
+    assert not long, f"{script}.py: lines over 100 characters: {long}"
+    assert mean <= 60, f"{script}.py: the mean non-blank line has {mean:.1f} characters, over 60"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_gan_step_stands_in_one_marked_block_and_the_plumbing_is_marked(script):
+    main = (ROOT / f"{script}.py").read_text().split('if __name__ == "__main__":')[1]
+    begin, end = main.index("# ---- The GAN step"), main.index("# ---- End of the GAN step ----")
+    block = main[begin:end]
+    assert block.count("optimizer_step(") == 2, "both updates stand inside the block"
+    for plumbing in ("write_atomic", "add_scalar", "stop_requests", "isfinite"):
+        assert plumbing not in block, f"{plumbing} belongs to the plumbing, outside the GAN step"
+    assert main.index("# ---- Plumbing: EMA, logs, checkpoints, stops ----") > end
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -55,7 +78,13 @@ def test_order_docstring_imports_args_method_data_helpers_main(script):
             kinds.append("imports")
         elif name == "Args":
             kinds.append("args")
-        elif name in ("Generator", "Critic", "Discriminator", "gradient_penalty", "discriminator_loss"):
+        elif name in (
+            "Generator",
+            "Critic",
+            "Discriminator",
+            "gradient_penalty",
+            "discriminator_loss",
+        ):
             kinds.append("method")
         elif name == "load_dataset":
             kinds.append("data")
@@ -75,13 +104,15 @@ def test_order_docstring_imports_args_method_data_helpers_main(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_each_network_steps_once_per_step_through_the_one_averaging_function(script):
-    """optimizer_step averages the gradients over processes: called once per network, nothing else averages them."""
+def test_each_network_steps_once_per_step_and_ddp_alone_averages_the_gradients(script):
+    """DDP averages the gradients over processes; the one all_reduce is the stop flag's."""
     source = (ROOT / f"{script}.py").read_text()
     main = next(n for n in ast.parse(source).body if isinstance(n, ast.If))  # the main block
-    calls = [n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    calls = [
+        n.func.id
+        for n in ast.walk(main)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    ]
     assert calls.count("optimizer_step") == 2
-    tree = ast.parse(source)
-    reduces = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "all_reduce"]
-    assert len(reduces) == 2  # the gradients' one, in optimizer_step, and the stop flag's
-    assert source.count("torch.distributed.all_reduce(") == 1  # inside all_reduce
+    assert source.count("DistributedDataParallel(") == 1
+    assert source.count("torch.distributed.all_reduce(") == 1
