@@ -5,8 +5,8 @@
 Runs the script at its defaults (Fashion-MNIST, 32x32) once per precision, one after the other, on
 the cores given with one thread each, for --steps generator steps, each logged, and reports the
 median time between logs after the first (the first includes start-up). PyTorch's CPU autocast
-runs the same code paths as CUDA's, but its fp16 convolutions
-have no fast kernel: this measures how much slower that is.
+runs the same code paths as CUDA's, but its fp16 convolutions have no fast kernel: this measures
+how much slower that is.
 """
 
 import statistics
