@@ -304,8 +304,9 @@ def continue_until(script: str, run_dir: Path, seconds: float) -> int:
             signal.SIGTERM
         )  # the script finishes its step, saves and exits with 128 + 15
         process.wait()
-    # -15: the signal came before the script installed its handler, so the checkpoint is the one it started from.
-    check_exit(process, log, allowed=(0, 128 + signal.SIGTERM, -signal.SIGTERM))
+    # -15 or -2: the signal came in the script's startup, before its handler (-15) or while its startup
+    # turns SIGTERM into a KeyboardInterrupt (-2), so the checkpoint is the one it started from.
+    check_exit(process, log, allowed=(0, 128 + signal.SIGTERM, -signal.SIGTERM, -signal.SIGINT))
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
 
 

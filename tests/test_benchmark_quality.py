@@ -119,6 +119,16 @@ def test_options_that_cannot_run_are_refused_with_one_line():
         classifier.pin_to_cpus([999])  # speed.py pins with the same function
 
 
+def test_a_stop_in_the_scripts_startup_keeps_the_checkpoint_it_started_from(tmp_path, monkeypatch):
+    # A script's startup turns SIGTERM into a KeyboardInterrupt, which ends Python with -2: a budget
+    # that runs out there stops the run at the step it resumed from.
+    startup = "import signal, time; signal.signal(signal.SIGTERM, signal.default_int_handler); time.sleep(60)"
+    monkeypatch.setattr(quality, "script_command", lambda *_: [sys.executable, "-c", startup])
+    (tmp_path / "run").mkdir()
+    torch.save({"step": 7}, tmp_path / "run" / "checkpoint.pt")
+    assert quality.continue_until("wgan_gp", tmp_path / "run", 2.0) == 7
+
+
 def test_quality_benchmark_runs_end_to_end(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--scripts", "wgan_gp", "--seeds", "1",
                "--fixed-steps", "2", "--budget-minutes", "0.25", "--num-images", "200",

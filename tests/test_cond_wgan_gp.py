@@ -16,6 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_data import CELEBA_ATTRIBUTES, write_celeba
 
 cond = load("cond_wgan_gp")
+# class folders under data/, as the tests below write them, at 16 pixels
+CLASS_FOLDERS = ["--dataset", "folder", "--data-dir", "data", "--image-size", "16"]
 FASHION = [
     "T-shirt_top",
     "Trouser",
@@ -124,15 +126,7 @@ def test_augmentation_flips_about_half_of_the_reals_and_nothing_when_off(tmp_pat
             pixels = np.zeros((16, 16, 3), np.uint8)
             pixels[:, :8] = 255
             Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
-    flags = [
-        *tiny("cond_wgan_gp"),
-        "--dataset",
-        "folder",
-        "--data-dir",
-        "data",
-        "--image-size",
-        "16",
-    ]
+    flags = [*tiny("cond_wgan_gp"), *CLASS_FOLDERS]
     mirrored = {}
     for flip in (True, False):
         out = tmp_path / f"records_{flip}.pt"
@@ -333,15 +327,7 @@ def test_fakes_take_the_reals_labels_and_generator_labels_follow_the_data(tmp_pa
     labels, and the generator step draws labels as often as they occur in the data (3 to 1)."""
     write_classes(tmp_path / "data", {"a": 48, "b": 16})
     prelude = recorder(tmp_path / "records.pt", ("Generator", "Critic"))
-    flags = [
-        *tiny("cond_wgan_gp"),
-        "--dataset",
-        "folder",
-        "--data-dir",
-        "data",
-        "--image-size",
-        "16",
-    ]
+    flags = [*tiny("cond_wgan_gp"), *CLASS_FOLDERS]
     flags += ["--total-steps", "30", "--run-name", "labels"]
     result = run("cond_wgan_gp", *flags, cwd=tmp_path, prelude=prelude)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -387,15 +373,7 @@ def test_fakes_take_the_reals_labels_and_generator_labels_follow_the_data(tmp_pa
     # A class folder left empty: refused, naming it.
     (tmp_path / "data" / "c").mkdir()
     (tmp_path / "data" / "0").rename(tmp_path / "data" / "b")
-    flags = [
-        *tiny("cond_wgan_gp"),
-        "--dataset",
-        "folder",
-        "--data-dir",
-        "data",
-        "--image-size",
-        "16",
-    ]
+    flags = [*tiny("cond_wgan_gp"), *CLASS_FOLDERS]
     expect_error(
         run("cond_wgan_gp", *flags, cwd=tmp_path),
         r"^error: no images in the class folders c: add some, or remove them$",

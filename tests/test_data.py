@@ -194,15 +194,7 @@ def test_every_image_is_decoded_before_training_and_a_broken_one_is_named(tmp_pa
     broken = folder / "000007.jpg"
     whole = broken.read_bytes()
     broken.write_bytes(whole[: len(whole) * 2 // 3])  # the header reads, the pixels do not
-    flags = [
-        *tiny(SHARED_SCRIPT),
-        "--dataset",
-        "celeba",
-        "--data-dir",
-        "data",
-        "--image-size",
-        "32",
-    ]
+    flags = [*tiny(SHARED_SCRIPT), *"--dataset celeba --data-dir data --image-size 32".split()]
     result = run(SHARED_SCRIPT, *flags, "--total-steps", "3", cwd=tmp_path)
     expect_error(
         result,
@@ -214,17 +206,8 @@ def test_every_image_is_decoded_before_training_and_a_broken_one_is_named(tmp_pa
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_training_on_celeba(script, tmp_path):
     write_celeba(tmp_path / "data", 16)
-    flags = [
-        *tiny(script),
-        "--dataset",
-        "celeba",
-        "--data-dir",
-        "data",
-        "--image-size",
-        "32",
-        "--total-steps",
-        "2",
-    ]
+    flags = [*tiny(script), *"--dataset celeba --data-dir data --image-size 32".split()]
+    flags += ["--total-steps", "2"]
     result = run(script, *flags, *CELEBA_FLAGS.get(script, []), "--run-name", "faces", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"decoding: 100%\|[^|]*\| 16/16 ", result.stderr), result.stderr[-3000:]

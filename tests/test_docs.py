@@ -36,8 +36,9 @@ def test_the_line_ranges_a_page_cites_are_the_scripts(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_the_pictures_a_page_shows_exist(script):
+def test_a_page_shows_its_healthy_and_failing_curves_and_every_picture_it_shows_exists(script):
     pictures = re.findall(r"!\[[^\]]*\]\(\.\./(assets/[\w./-]+)\)", page(script))
+    assert {f"assets/curves-{script}.png", f"assets/failing-{script}.png"} <= set(pictures)
     for picture in pictures:
         assert (ROOT / picture).is_file(), picture
 

@@ -133,15 +133,7 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(run_name, pattern, tmp_pat
 
 
 def test_a_disk_that_fills_while_saving_is_one_line_and_leaves_no_partial_file(tmp_path):
-    flags = [
-        *tiny(SHARED_SCRIPT),
-        "--total-steps",
-        "2",
-        "--sample-every",
-        "2",
-        "--run-name",
-        "full",
-    ]
+    flags = [*tiny(SHARED_SCRIPT), *"--total-steps 2 --sample-every 2 --run-name full".split()]
     result = run_limited(
         SHARED_SCRIPT, *flags, cwd=tmp_path, size=400_000
     )  # grids fit, the checkpoint does not
@@ -177,15 +169,7 @@ def test_generate_onto_a_file_a_link_or_a_full_disk_is_one_line_and_leaves_no_em
 
 
 def test_two_runs_started_at_once_with_one_name_never_share_a_folder(tmp_path):
-    flags = [
-        *tiny(SHARED_SCRIPT),
-        "--total-steps",
-        "2",
-        "--sample-every",
-        "2",
-        "--run-name",
-        "same",
-    ]
+    flags = [*tiny(SHARED_SCRIPT), *"--total-steps 2 --sample-every 2 --run-name same".split()]
     command = [sys.executable, str(ROOT / f"{SHARED_SCRIPT}.py"), *flags]
     both = [
         subprocess.Popen(
@@ -387,9 +371,12 @@ def test_generate_leaves_its_own_images_alone_or_the_earlier_folder_whole_when_s
     # the interpreter ends itself with SIGINT.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         code, message = -signal.SIGINT, "error: KeyboardInterrupt:"
+        # Ctrl-C as in a terminal: a shell's background job (nohup ... &) ignores SIGINT, and so
+        # would this child, which would then write all its images.
         process = subprocess.Popen(
-            [*command, "100000"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
-        )
+            [*command, "100000"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
         deadline = time.time() + 120
         while (
             len(list(checkpoint.parent.glob("generated.*.tmp/*.png"))) < 20
