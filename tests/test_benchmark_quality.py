@@ -133,7 +133,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--scripts", "wgan_gp", "--seeds", "1",
                "--fixed-steps", "2", "--budget-minutes", "0.25", "--num-images", "200",
                "--ablations", "no EMA=--ema-halflife 0",
-               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --ema-halflife 5000",
+               "--script-flags=--batch-size 8 --g-width 8 --d-width 8 --n-critic 1 --ema-halflife 5000 --max-images 512",
                "--results-dir", str(tmp_path / "results"), "--assets-dir", str(tmp_path / "assets"),
                "--work-dir", str(tmp_path / "work")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)

@@ -12,7 +12,8 @@ def test_speed_benchmark_writes_a_table_with_every_lever(tmp_path):
     # --no-compile: the compile rows are rows like the others; --compile itself is tested in test_precision.py
     command = [sys.executable, str(ROOT / "benchmarks/speed.py"), "--scripts", "wgan_gp", "--shapes", "16x1",
                "--steps", "1", "--warmup", "1", "--width", "8", "--peak-size", "256", "--no-compile",
-               "--compare-dir", str(ROOT), "--out-dir", str(tmp_path), "--suffix=-tiny"]  # fmt: skip
+               "--compare-dir", str(ROOT), "--out-dir", str(tmp_path), "--suffix=-tiny",
+               "--script-flags=--max-images 512"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "speed-cpu-tiny.md").read_text()

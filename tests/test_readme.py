@@ -39,6 +39,10 @@ def test_the_time_to_quality_table_in_the_readme_is_the_measured_one():
     table = [line for line in stored.splitlines() if line[:1] == "|"]
     assert len(table) >= 2 + 8  # the header and one row per script and reference
     assert "\n".join(table) in (ROOT / "README.md").read_text()
+    # and the real-vs-real floor the README quotes beside it
+    floor = re.search(r"real-vs-real floor (\d+\.\d+)", stored)[1]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"two sets of real images score {floor}." in readme
 
 
 def test_the_readme_is_short_and_it_and_the_pages_need_no_issue_tracker():
