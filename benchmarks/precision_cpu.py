@@ -54,6 +54,8 @@ def seconds_per_step(args: Args, precision: str, workdir: Path) -> float:
 
 
 def main(args: Args) -> None:
+    if args.steps < 2:
+        raise SystemExit(f"error: --steps must be >= 2 (the first is not timed), got {args.steps}")
     pin_to_cpus(args.cpus)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,18 +58,7 @@ from classifier import (
 from wgan_gp import fail  # noqa: E402  (one line on stderr and exit code 1, as the scripts do)
 
 SCRIPTS = ["dcgan", "wgan_gp", "cond_wgan_gp", "resnet_sn_wgan_gp"]
-CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]  # wgan_gp.load_dataset's order
+CLASSES = torchvision.datasets.FashionMNIST.classes  # wgan_gp.load_dataset's order
 
 
 @dataclass

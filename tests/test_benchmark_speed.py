@@ -1,4 +1,5 @@
-"""Smoke test: benchmarks/speed.py runs end to end on tiny settings and writes its table."""
+"""Smoke tests: benchmarks/speed.py and benchmarks/precision_cpu.py run end to end on tiny settings and
+write their tables."""
 
 import os
 import re
@@ -75,3 +76,37 @@ def test_script_shapes_choose_where_each_script_is_timed():
     assert speed.scripts_at("64x3", args) == ["wgan_gp", "dcgan"]
     assert speed.scripts_at("128x3", args) == []
     assert speed.scripts_at("64x3", speed.Args(scripts=["dcgan"])) == ["dcgan"]
+
+
+def test_defaults_only_times_each_scripts_defaults_and_nothing_else(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks/speed.py"), "--scripts", "wgan_gp", "--shapes", "16x1",
+               "--steps", "1", "--warmup", "1", "--width", "8", "--peak-size", "256", "--no-compile",
+               "--defaults-only", "--out-dir", str(tmp_path), "--suffix=-tiny",
+               "--script-flags=--max-images 512"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (tmp_path / "speed-cpu-tiny.md").read_text().splitlines()
+    rows = [line.split(" | ")[0] for line in lines if line.startswith("| ")]
+    assert rows == ["| configuration", "| wgan_gp.py defaults"]
+    assert (
+        "speed-up vs the first row"
+        in lines[lines.index(next(r for r in lines if r.startswith("| config")))]
+    )
+
+
+def test_precision_cpu_writes_seconds_a_step_and_refuses_too_few_steps(tmp_path):
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/precision_cpu.py"),
+        "--out",
+        str(tmp_path / "p.md"),
+    ]
+    result = subprocess.run([*command, "--steps", "1"], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --steps must be >= 2 (the first is not timed), got 1"
+    result = subprocess.run([*command, "--precisions", "fp32", "--steps", "3"], capture_output=True,
+                            text=True, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = (tmp_path / "p.md").read_text().splitlines()[-1]
+    precision, seconds, ratio = re.fullmatch(r"\| (\w+) \| ([\d.]+) \| ([\d.]+)x \|", row).groups()
+    assert (precision, ratio) == ("fp32", "1.0") and 0 < float(seconds) < 60
